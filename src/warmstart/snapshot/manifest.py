@@ -1,0 +1,138 @@
+"""The snapshot manifest: what a snapshot holds and where it came from.
+
+A manifest is the last file written into a snapshot and the first one read on
+restore. Restore refuses a snapshot whose manifest is missing, of an unknown
+format version, or whose files fail their checksums.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from warmstart.errors import SnapshotCorrupt
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+IMAGES_DIR = "images"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HostInfo(_Model):
+    hostname: str
+    kernel: str
+    arch: str
+    cpu_model: str
+    cpu_flags: list[str] = Field(default_factory=list)
+    criu_version: str
+
+
+class ProcessInfo(_Model):
+    pid: int
+    ppid: int
+    name: str
+    threads: int
+    rss_bytes: int
+
+
+class ProcessTree(_Model):
+    root_pid: int
+    processes: list[ProcessInfo]
+    cmdline: list[str] = Field(default_factory=list)
+
+
+class FileEntry(_Model):
+    """One file of the snapshot, relative to the snapshot directory."""
+
+    path: str
+    size: int
+    #: ``<algorithm>:<hex digest>``; xxh3-128 by default.
+    digest: str
+
+
+class GpuProcess(_Model):
+    """The GPU state of one CUDA process of the tree."""
+
+    pid: int
+    gpu_uuid: str
+    gpu_model: str
+    gpu_index: int | None = None
+    driver_version: str
+    cuda_driver_api: int | None = None
+    device_memory_bytes: int = 0
+
+
+class PhaseTiming(_Model):
+    name: str
+    seconds: float
+    bytes: int | None = None
+
+
+class Manifest(_Model):
+    format_version: int = FORMAT_VERSION
+    kind: Literal["process-tree", "container"] = "process-tree"
+    snapshot_id: str
+    name: str
+    created_at: dt.datetime
+    source: HostInfo
+    tree: ProcessTree
+    files: list[FileEntry]
+    gpus: list[GpuProcess] = Field(default_factory=list)
+    timings: list[PhaseTiming] = Field(default_factory=list)
+    #: CRIU options the dump used that restore must mirror (tcp, shell-job...).
+    criu_options: dict[str, bool | int | str] = Field(default_factory=dict)
+    #: Free-form facts from the workload or the caller (model, engine, control dir).
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, where: str = "manifest") -> Manifest:
+        """Parse and validate a manifest; every failure is a one-line SnapshotCorrupt."""
+        try:
+            raw = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise SnapshotCorrupt(
+                f"{where} is not valid JSON ({exc})",
+                hint="the snapshot is damaged; take a new checkpoint",
+            ) from None
+        if not isinstance(raw, dict):
+            raise SnapshotCorrupt(f"{where} is not a JSON object", hint="take a new checkpoint")
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise SnapshotCorrupt(
+                f"{where} has format version {version!r}; this warmstart reads {FORMAT_VERSION}",
+                hint="restore it with the warmstart version that wrote it, or take a new checkpoint",
+            )
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"])
+            raise SnapshotCorrupt(
+                f"{where} is invalid: {loc}: {first['msg']}", hint="take a new checkpoint"
+            ) from None
+
+    @classmethod
+    def load(cls, snapshot_dir: Path) -> Manifest:
+        path = Path(snapshot_dir) / MANIFEST_NAME
+        try:
+            text = path.read_bytes()
+        except FileNotFoundError:
+            raise SnapshotCorrupt(
+                f"snapshot {Path(snapshot_dir).name!r} has no {MANIFEST_NAME}",
+                hint="it was not written completely; remove it and take a new checkpoint",
+            ) from None
+        return cls.from_json(text, where=f"{path}")
