@@ -1,0 +1,36 @@
+"""The ``warmstart`` command."""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+import typer
+
+from warmstart.cli.output import err_console
+from warmstart.errors import WarmstartError
+
+app = typer.Typer(
+    name="warmstart",
+    help="Checkpoint a warmed GPU inference worker once; restore replicas from it in seconds.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(exc: WarmstartError) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+    raise SystemExit(exc.exit_code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from warmstart.cli import commands  # noqa: F401  (registers the commands)
+
+    try:
+        app(args=argv, prog_name="warmstart", standalone_mode=True)
+    except WarmstartError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        err_console.print("error: interrupted")
+        sys.exit(130)

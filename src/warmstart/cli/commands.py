@@ -1,0 +1,260 @@
+"""Snapshot commands: checkpoint, restore, ls, inspect, rm, doctor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from warmstart.cli.app import app
+from warmstart.cli.output import console, emit_json, human_bytes, progress, timing_table
+from warmstart.errors import UsageError
+from warmstart.host.criu import DumpOptions
+from warmstart.store.local import STORE_ENV, LocalStore, default_root
+
+StoreOpt = Annotated[
+    Optional[Path],
+    typer.Option("--store", envvar=STORE_ENV, help="Snapshot store directory.", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
+
+
+def _store(path: Path | None) -> LocalStore:
+    return LocalStore(path or default_root())
+
+
+def _parse_env(items: list[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--env {item!r} is not KEY=VALUE", hint="write it as --env KEY=VALUE")
+        env[key] = value
+    return env
+
+
+@app.command()
+def checkpoint(
+    pid: Annotated[int, typer.Option("--pid", help="Root of the process tree to snapshot.")],
+    name: Annotated[Optional[str], typer.Option("--name", help="Snapshot name.")] = None,
+    leave_running: Annotated[
+        bool, typer.Option("--leave-running", help="Keep the original tree running.")
+    ] = False,
+    tcp_established: Annotated[
+        bool, typer.Option("--tcp-established", help="Checkpoint established TCP connections.")
+    ] = False,
+    tcp_close: Annotated[
+        bool, typer.Option("--tcp-close", help="Close established TCP connections on restore.")
+    ] = False,
+    shell_job: Annotated[
+        bool, typer.Option("--shell-job", help="The tree is attached to a terminal.")
+    ] = False,
+    ext_unix_sk: Annotated[
+        bool, typer.Option("--ext-unix-sk", help="Allow unix sockets to peers outside the tree.")
+    ] = False,
+    ghost_limit_mib: Annotated[
+        int, typer.Option("--ghost-limit", help="Largest deleted-but-open file to copy, in MiB.")
+    ] = 256,
+    gpu_lock_timeout: Annotated[
+        float, typer.Option("--gpu-lock-timeout", help="Seconds to wait for GPU work to drain.")
+    ] = 30.0,
+    no_fsync: Annotated[
+        bool, typer.Option("--no-fsync", help="Publish without fsync (faster, not crash-safe).")
+    ] = False,
+    label: Annotated[
+        list[str], typer.Option("--label", help="KEY=VALUE recorded in the manifest.")
+    ] = [],  # noqa: B006
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Snapshot the process tree rooted at PID into the store."""
+    from warmstart.snapshot.checkpoint import CheckpointOptions
+    from warmstart.snapshot.checkpoint import checkpoint as do_checkpoint
+
+    options = CheckpointOptions(
+        leave_running=leave_running,
+        dump=DumpOptions(
+            tcp_established=tcp_established,
+            tcp_close=tcp_close,
+            shell_job=shell_job,
+            ext_unix_sk=ext_unix_sk,
+            ghost_limit=ghost_limit_mib << 20,
+        ),
+        gpu_lock_timeout_s=gpu_lock_timeout,
+        durable=not no_fsync,
+        labels=_parse_env(label),
+    )
+    with progress(not json_out, f"checkpointing PID {pid}") as on_phase:
+        result = do_checkpoint(pid, store=_store(store), name=name, options=options, listener=on_phase)
+    m = result.manifest
+    if json_out:
+        emit_json(
+            {
+                "name": m.name,
+                "snapshot_id": m.snapshot_id,
+                "path": str(result.path),
+                "bytes": m.total_bytes,
+                "gpus": m.gpus,
+                "timings": result.timer.phases,
+                "total_seconds": result.timer.total,
+            }
+        )
+        return
+    console.print(timing_table(f"checkpoint {m.name}", result.timer.phases, result.timer.total))
+    console.print(
+        f"snapshot [bold]{m.name}[/] ({human_bytes(m.total_bytes)}, "
+        f"{len(m.tree.processes)} processes, {len(m.gpus)} GPU) at {result.path}"
+    )
+
+
+@app.command()
+def restore(
+    name: Annotated[str, typer.Argument(help="Snapshot name.")],
+    gpu_map: Annotated[
+        list[str], typer.Option("--gpu-map", help="SRC=DST GPU (index or UUID), repeatable.")
+    ] = [],  # noqa: B006
+    control_dir: Annotated[
+        Optional[Path],
+        typer.Option("--control-dir", help="Worker control dir for the restore hand-over."),
+    ] = None,
+    env: Annotated[
+        list[str], typer.Option("--env", help="KEY=VALUE handed to the restored worker.")
+    ] = [],  # noqa: B006
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Skip checksum verification.")
+    ] = False,
+    detach: Annotated[
+        bool, typer.Option("--detach/--wait", help="Return once restored (default) or wait for exit.")
+    ] = True,
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Restore a snapshot; the tree continues where it stopped."""
+    from warmstart.snapshot.restore import RestoreRequest
+    from warmstart.snapshot.restore import restore as do_restore
+
+    s = _store(store)
+    manifest = s.manifest(name)
+    control = control_dir or (
+        Path(manifest.labels["control_dir"]) if "control_dir" in manifest.labels else None
+    )
+    request = RestoreRequest(
+        gpu_map=tuple(gpu_map), verify=not no_verify, control_dir=control, env=_parse_env(env)
+    )
+    with progress(not json_out, f"restoring {name}") as on_phase:
+        result = do_restore(name, store=s, request=request, listener=on_phase)
+    if json_out:
+        emit_json(
+            {
+                "name": name,
+                "pid": result.pid,
+                "timings": result.timer.phases,
+                "total_seconds": result.timer.total,
+                "log": str(result.log),
+            }
+        )
+    else:
+        console.print(timing_table(f"restore {name}", result.timer.phases, result.timer.total))
+        console.print(f"restored [bold]{name}[/] as PID {result.pid}")
+    if not detach:
+        import psutil
+
+        try:
+            psutil.Process(result.pid).wait()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@app.command("ls")
+def list_snapshots(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
+    """List the snapshots in the store."""
+    s = _store(store)
+    entries = s.entries()
+    if json_out:
+        emit_json(
+            [
+                {
+                    "name": e.name,
+                    "snapshot_id": e.manifest.snapshot_id if e.manifest else None,
+                    "created_at": e.manifest.created_at if e.manifest else None,
+                    "bytes": e.manifest.total_bytes if e.manifest else None,
+                    "gpus": len(e.manifest.gpus) if e.manifest else None,
+                    "error": e.error,
+                }
+                for e in entries
+            ]
+        )
+        return
+    table = Table(title=f"snapshots in {s.root}", title_justify="left")
+    for col in ("name", "created", "size", "processes", "GPUs", "root command"):
+        table.add_column(col)
+    for e in entries:
+        m = e.manifest
+        if m is None:
+            table.add_row(e.name, "", "", "", "", f"[red]{e.error}[/]")
+            continue
+        table.add_row(
+            e.name,
+            m.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            human_bytes(m.total_bytes),
+            str(len(m.tree.processes)),
+            str(len(m.gpus)),
+            " ".join(m.tree.cmdline)[:60],
+        )
+    console.print(table)
+
+
+@app.command()
+def inspect(
+    name: Annotated[str, typer.Argument(help="Snapshot name.")],
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show a snapshot's manifest."""
+    m = _store(store).manifest(name)
+    if json_out:
+        emit_json(m)
+        return
+    console.print(f"[bold]{m.name}[/]  id {m.snapshot_id}  format v{m.format_version}")
+    console.print(
+        f"taken {m.created_at:%Y-%m-%d %H:%M:%S} UTC on {m.source.hostname} "
+        f"({m.source.arch}, kernel {m.source.kernel}, CRIU {m.source.criu_version})"
+    )
+    console.print(f"CPU {m.source.cpu_model}; {human_bytes(m.total_bytes)} in {len(m.files)} files")
+    procs = Table(title="processes", title_justify="left")
+    for col in ("pid", "ppid", "name", "threads", "rss"):
+        procs.add_column(col)
+    for p in m.tree.processes:
+        procs.add_row(str(p.pid), str(p.ppid), p.name, str(p.threads), human_bytes(p.rss_bytes))
+    console.print(procs)
+    if m.gpus:
+        gpus = Table(title="GPU state", title_justify="left")
+        for col in ("pid", "GPU", "UUID", "driver", "device memory"):
+            gpus.add_column(col)
+        for g in m.gpus:
+            gpus.add_row(
+                str(g.pid), g.gpu_model, g.gpu_uuid, g.driver_version, human_bytes(g.device_memory_bytes)
+            )
+        console.print(gpus)
+    total = sum(p.seconds for p in m.timings if not p.name.startswith(" "))
+    console.print(timing_table("checkpoint timings", m.timings, total))
+
+
+@app.command("rm")
+def remove(
+    names: Annotated[list[str], typer.Argument(help="Snapshot names.")],
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove snapshots from the store."""
+    s = _store(store)
+    for name in names:
+        s.path_of(name)
+    for name in names:
+        s.remove(name)
+    if json_out:
+        emit_json({"removed": names})
+    else:
+        console.print(f"removed {', '.join(names)}")

@@ -1,0 +1,104 @@
+"""The process tree being checkpointed: validation, summary, pre-flight checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterable
+
+import psutil
+
+from warmstart.errors import UsageError
+
+
+def tree_processes(pid: int) -> list[psutil.Process]:
+    """``pid`` and all its descendants, root first."""
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def validate_root(pid: int) -> psutil.Process:
+    """Refuse PIDs CRIU must never be pointed at, with a clear reason."""
+    if pid <= 0:
+        raise UsageError(f"PID {pid} is not a valid process id", hint="pass the PID of the worker")
+    if pid == 1:
+        raise UsageError(
+            "refusing to checkpoint PID 1 (init)", hint="pass the PID of the worker process tree"
+        )
+    if pid == os.getpid():
+        raise UsageError("refusing to checkpoint warmstart itself", hint="pass the worker's PID")
+    try:
+        proc = psutil.Process(pid)
+        status = proc.status()
+    except psutil.NoSuchProcess:
+        raise UsageError(f"no process with PID {pid}", hint="check the PID with `ps`") from None
+    if status == psutil.STATUS_ZOMBIE:
+        raise UsageError(f"PID {pid} has exited (zombie)", hint="check the PID with `ps`")
+    if os.getpid() in {p.pid for p in tree_processes(pid)}:
+        raise UsageError(
+            f"PID {pid} is an ancestor of warmstart itself", hint="pass the worker's own PID"
+        )
+    return proc
+
+
+def established_tcp(pids: Iterable[int]) -> list[str]:
+    """Established TCP connections held by ``pids``, as ``local -> remote`` strings."""
+    wanted = set(pids)
+    out = []
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.pid in wanted and conn.status == psutil.CONN_ESTABLISHED and conn.raddr:
+            out.append(f"{conn.laddr.ip}:{conn.laddr.port} -> {conn.raddr.ip}:{conn.raddr.port}")
+    return out
+
+
+def has_terminal(pids: Iterable[int]) -> bool:
+    for pid in pids:
+        try:
+            if psutil.Process(pid).terminal():
+                return True
+        except psutil.NoSuchProcess:
+            continue
+    return False
+
+
+def kill_tree(pid: int, *, timeout: float = 10.0) -> None:
+    """SIGKILL ``pid`` and its descendants and wait until they are gone."""
+    try:
+        procs = tree_processes(pid)
+    except psutil.NoSuchProcess:
+        return
+    for p in reversed(procs):
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=timeout)
+
+
+def continue_pids(pids: Iterable[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def continue_tree(pid: int) -> None:
+    """SIGCONT every task of the tree (after ``criu restore --leave-stopped``)."""
+    for p in tree_processes(pid):
+        try:
+            os.kill(p.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def wait_stopped(pid: int, *, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_STOPPED:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.005)

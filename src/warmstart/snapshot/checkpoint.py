@@ -1,0 +1,228 @@
+"""Checkpoint a running process tree into the snapshot store.
+
+Order of events, and what a failure at each step leaves behind:
+
+1. validate the PID and pre-flight the tree (TCP, io_uring): nothing touched;
+2. reserve a hidden staging directory in the store;
+3. lock and checkpoint the GPU state of every CUDA process: on failure every
+   process is restored and unlocked;
+4. ``criu dump --leave-stopped`` while page images are hashed as they are
+   written: on failure the tree gets SIGCONT, its GPU state is restored and
+   unlocked, the staging directory removed;
+5. with ``leave_running``, the tree gets SIGCONT and its GPU state back now;
+6. manifest written last, fsync, atomic rename: the snapshot becomes visible;
+7. only then, without ``leave_running``, the (still stopped) tree is killed:
+   it never runs past the moment it was snapshotted.
+
+If warmstart itself is killed at any point, a guard process
+(:mod:`warmstart.snapshot.guard`) waits for CRIU, rolls the GPU state back
+and resumes the tree; the staging directory is swept later.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from warmstart.errors import StoreError, UsageError
+from warmstart.host import process as proc
+from warmstart.host.criu import Criu, DumpOptions, find_criu
+from warmstart.host.stats import DumpStats
+from warmstart.snapshot import gpu_state, hostinfo
+from warmstart.snapshot.guard import Guard
+from warmstart.snapshot.manifest import (
+    IMAGES_DIR,
+    FileEntry,
+    Manifest,
+    ProcessInfo,
+    ProcessTree,
+)
+from warmstart.snapshot.timing import PhaseListener, Timer
+from warmstart.store.integrity import FollowingDigester
+from warmstart.store.local import LocalStore
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    leave_running: bool = False
+    dump: DumpOptions = field(default_factory=DumpOptions)
+    #: How long to wait for the CUDA driver to lock a process (in-flight work).
+    gpu_lock_timeout_s: float = 30.0
+    #: fsync the snapshot before publishing it.
+    durable: bool = True
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    manifest: Manifest
+    path: Path
+    timer: Timer
+
+
+def summarize_tree(pid: int) -> ProcessTree:
+    infos: list[ProcessInfo] = []
+    cmdline: list[str] = []
+    for p in proc.tree_processes(pid):
+        try:
+            with p.oneshot():
+                infos.append(
+                    ProcessInfo(
+                        pid=p.pid,
+                        ppid=p.ppid(),
+                        name=p.name(),
+                        threads=p.num_threads(),
+                        rss_bytes=p.memory_info().rss,
+                    )
+                )
+                if p.pid == pid:
+                    cmdline = p.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+    return ProcessTree(root_pid=pid, processes=infos, cmdline=cmdline)
+
+
+def uses_io_uring(pids: list[int]) -> list[int]:
+    found = []
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        try:
+            links = [os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)]
+        except OSError:
+            continue
+        if any("io_uring" in link for link in links):
+            found.append(pid)
+    return found
+
+
+def preflight(pid: int, options: CheckpointOptions) -> list[int]:
+    """Refuse what CRIU would fail on, naming it. Returns the tree's PIDs."""
+    proc.validate_root(pid)
+    pids = [p.pid for p in proc.tree_processes(pid)]
+    if not (options.dump.tcp_established or options.dump.tcp_close):
+        conns = proc.established_tcp(pids)
+        if conns:
+            raise UsageError(
+                f"established TCP connection {conns[0]}"
+                + (f" (and {len(conns) - 1} more)" if len(conns) > 1 else ""),
+                hint="close it before the checkpoint or pass --tcp-established / --tcp-close",
+            )
+    if uring := uses_io_uring(pids):
+        raise UsageError(
+            f"PID {uring[0]} uses io_uring, which CRIU cannot checkpoint",
+            hint="disable io_uring in the workload before its checkpoint point",
+        )
+    if proc.has_terminal(pids) and not options.dump.shell_job:
+        raise UsageError(
+            f"the tree of PID {pid} is attached to a terminal",
+            hint="pass --shell-job, or start the workload detached (setsid, stdio to files)",
+        )
+    return pids
+
+
+def default_name(pid: int) -> str:
+    try:
+        base = psutil.Process(pid).name()
+    except psutil.NoSuchProcess:
+        base = "snapshot"
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in base).strip("-.") or "snapshot"
+    return f"{safe}-{stamp}"
+
+
+def _add_criu_phases(timer: Timer, images: Path) -> None:
+    stats = DumpStats.read(images)
+    if stats is None:
+        return
+    timer.add("  freeze", stats.freezing_s)
+    timer.add("  memdump", stats.memdump_s, stats.pages_scanned * 4096)
+    timer.add("  memwrite", stats.memwrite_s, stats.pages_written * 4096)
+
+
+def checkpoint(
+    pid: int,
+    *,
+    store: LocalStore,
+    name: str | None = None,
+    options: CheckpointOptions | None = None,
+    criu: Criu | None = None,
+    listener: PhaseListener | None = None,
+) -> CheckpointResult:
+    options = options or CheckpointOptions()
+    criu = criu or find_criu()
+    timer = Timer(listener)
+    with timer.phase("preflight"):
+        pids = preflight(pid, options)
+        tree = summarize_tree(pid)
+        name = name or default_name(pid)
+        staging = store.begin(name)
+
+    gpu = gpu_state.GpuCheckpoint.for_tree(pids)
+    guard = Guard.start(pids, gpu.pids if gpu else [])
+    digester: FollowingDigester | None = None
+    try:
+        if gpu:
+            with timer.phase("gpu-lock"):
+                gpu.lock(options.gpu_lock_timeout_s)
+            with timer.phase("gpu-checkpoint"):
+                gpu.checkpoint()
+            timer.set_bytes("gpu-checkpoint", gpu.device_bytes)
+        digester = FollowingDigester(staging.images).start()
+        with timer.phase("dump"):
+            criu.dump(
+                pid, staging.images, options.dump, log=staging.logs / "dump.log",
+                on_start=guard.criu_started,
+            )  # fmt: skip
+        _add_criu_phases(timer, staging.images)
+        if options.leave_running:
+            with timer.phase("resume-original"):
+                proc.continue_pids(pids)
+                if gpu:
+                    gpu.resume()
+        with timer.phase("checksum"):
+            digests = digester.finish()
+        image_bytes = sum(size for size, _ in digests.values())
+        timer.set_bytes("dump", image_bytes)
+        manifest = Manifest(
+            snapshot_id=uuid.uuid4().hex,
+            name=name,
+            created_at=dt.datetime.now(dt.UTC),
+            source=hostinfo.current(str(criu.version)),
+            tree=tree,
+            files=[
+                FileEntry(path=f"{IMAGES_DIR}/{rel}", size=size, digest=digest)
+                for rel, (size, digest) in sorted(digests.items())
+            ],
+            gpus=gpu.records() if gpu else [],
+            timings=timer.phases,
+            criu_options=options.dump.as_record(),
+            labels=options.labels,
+        )
+        with timer.phase("publish", image_bytes):
+            path = store.publish(staging, manifest, durable=options.durable)
+        if not options.leave_running:
+            # Stopped since the dump: it never runs past the snapshot.
+            with timer.phase("stop-original"):
+                proc.kill_tree(pid)
+    except BaseException as exc:
+        if digester is not None:
+            digester.cancel()
+        proc.continue_pids(pids)
+        if gpu:
+            gpu.rollback()
+        store.abort(staging)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise StoreError(
+                f"the snapshot store {store.root} is full",
+                hint="free space there or choose another with --store",
+            ) from None
+        raise
+    finally:
+        guard.done()
+    return CheckpointResult(manifest=manifest, path=path, timer=timer)

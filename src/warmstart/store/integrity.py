@@ -1,0 +1,193 @@
+"""Checksums of snapshot files: computed while CRIU writes, verified while it reads.
+
+Digests are xxh3-128 (``xxh3-128:<hex>``): about 30 GB/s on one core here, so
+the cost of integrity is the read from the page cache, not the hash. The
+checkpoint path hashes page images *while* CRIU writes them
+(:class:`FollowingDigester`); the restore path verifies *while* CRIU restores
+into stopped tasks, which are only let run once every file checked out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from warmstart.errors import SnapshotCorrupt
+
+ALGORITHM = "xxh3-128"
+_CHUNK = 8 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _hasher() -> xxhash.xxh3_128:
+    return xxhash.xxh3_128()
+
+
+def format_digest(h: xxhash.xxh3_128) -> str:
+    return f"{ALGORITHM}:{h.hexdigest()}"
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range back now (so a later fsync waits less)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(length), _SYNC_FILE_RANGE_WRITE)
+    except (OSError, AttributeError):
+        pass
+
+
+def digest_file(path: Path) -> tuple[int, str]:
+    """(size, digest) of one file."""
+    h = _hasher()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+    return size, format_digest(h)
+
+
+@dataclass
+class _Follow:
+    hasher: xxhash.xxh3_128
+    offset: int = 0
+
+
+class FollowingDigester:
+    """Hash the large, append-only files of a directory while another process writes them.
+
+    Call :meth:`start`, let the writer run, then :meth:`finish` once it has
+    exited: it hashes what is left and every other file, and returns
+    ``{relative path: (size, digest)}``. Only files matching ``follow`` are
+    hashed as they grow (CRIU writes ``pages-*.img`` strictly by appending);
+    everything else is hashed whole at the end.
+    """
+
+    def __init__(self, root: Path, *, follow: str = "pages-*.img", writeback: bool = True) -> None:
+        self.root = Path(root)
+        self.follow = follow
+        self.writeback = writeback
+        self._state: dict[Path, _Follow] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="digest-follow", daemon=True)
+        self._buf = bytearray(_CHUNK)
+
+    def start(self) -> FollowingDigester:
+        self._thread.start()
+        return self
+
+    def _advance(self, path: Path) -> int:
+        st = self._state.setdefault(path, _Follow(_hasher()))
+        view = memoryview(self._buf)
+        moved = 0
+        with open(path, "rb", buffering=0) as f:
+            f.seek(st.offset)
+            while n := f.readinto(self._buf):
+                st.hasher.update(view[:n])
+                if self.writeback:
+                    _start_writeback(f.fileno(), st.offset, n)
+                st.offset += n
+                moved += n
+        return moved
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            moved = 0
+            for path in sorted(self.root.rglob(self.follow)):
+                try:
+                    moved += self._advance(path)
+                except FileNotFoundError:
+                    continue
+            if not moved:
+                self._stop.wait(0.01)
+
+    def cancel(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def finish(self) -> dict[str, tuple[int, str]]:
+        self.cancel()
+        result: dict[str, tuple[int, str]] = {}
+        for path in sorted(p for p in self.root.rglob("*") if p.is_file()):
+            rel = str(path.relative_to(self.root))
+            if path in self._state or path.match(self.follow):
+                self._advance(path)
+                st = self._state[path]
+                result[rel] = (st.offset, format_digest(st.hasher))
+            else:
+                result[rel] = digest_file(path)
+        return result
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory below ``root`` (directories last)."""
+    dirs = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        dirs.append(dirpath)
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in reversed(dirs):
+        fsync_dir(Path(d))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Expected:
+    path: str
+    size: int
+    digest: str
+
+
+def verify_files(root: Path, expected: Iterable[Expected], *, workers: int | None = None) -> int:
+    """Check every file's size and digest; return the bytes read.
+
+    Raises :class:`SnapshotCorrupt` naming the first bad file. Large files are
+    hashed on a thread pool (xxhash releases the GIL).
+    """
+    items = sorted(expected, key=lambda e: -e.size)
+
+    def check(e: Expected) -> int:
+        path = root / e.path
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise SnapshotCorrupt(
+                f"snapshot file {e.path} is missing", hint="the snapshot is damaged; take a new one"
+            ) from None
+        if st.st_size != e.size:
+            raise SnapshotCorrupt(
+                f"snapshot file {e.path} has {st.st_size} bytes, manifest says {e.size}",
+                hint="the snapshot is damaged; take a new one",
+            )
+        _size, digest = digest_file(path)
+        if digest != e.digest:
+            raise SnapshotCorrupt(
+                f"snapshot file {e.path} fails its checksum",
+                hint="the snapshot is damaged; take a new one",
+            )
+        return e.size
+
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify") as pool:
+        return sum(pool.map(check, items))

@@ -1,0 +1,102 @@
+"""A process tree that exercises what a checkpoint must carry.
+
+Usage: python tree.py STATE_DIR MEM_MIB
+
+The root holds a counter, MEM_MIB of patterned memory, a file it appends to,
+a thread with its own counter, a pipe to a child (which appends what it reads
+to its own file), a unix socket pair, a memfd, a deleted-but-open file and an
+flock. Every tick it writes ``status.json`` atomically. Touching ``verify``
+in STATE_DIR makes it hash its memory, memfd and deleted file into the status.
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+state = sys.argv[1]
+mem_mib = int(sys.argv[2])
+
+pattern = bytes(range(256)) * 4096  # 1 MiB
+memory = bytearray(pattern * mem_mib)
+for i in range(0, len(memory), 4096):  # make every page distinct
+    memory[i : i + 8] = i.to_bytes(8, "little")
+
+log = open(os.path.join(state, "counter.log"), "a", buffering=1)
+lockf = open(os.path.join(state, "lockfile"), "w")
+fcntl.flock(lockf, fcntl.LOCK_EX)
+
+memfd = os.memfd_create("warmstart-test")
+os.write(memfd, b"memfd-payload-" * 1000)
+
+deleted_path = os.path.join(state, "deleted.bin")
+deleted = open(deleted_path, "w+b")
+deleted.write(b"deleted-payload-" * 5000)
+deleted.flush()
+os.unlink(deleted_path)
+
+left, right = socket.socketpair()
+
+child = subprocess.Popen(
+    [sys.executable, "-c",
+     "import sys\nout=open(sys.argv[1],'a',buffering=1)\n"
+     "for line in sys.stdin: out.write(line)",
+     os.path.join(state, "child.log")],
+    stdin=subprocess.PIPE, text=True, bufsize=1,
+)  # fmt: skip
+
+thread_counter = 0
+
+
+def spin() -> None:
+    global thread_counter
+    while True:
+        thread_counter += 1
+        time.sleep(0.01)
+
+
+threading.Thread(target=spin, daemon=True).start()
+
+
+def digest() -> dict:
+    os.lseek(memfd, 0, 0)
+    deleted.seek(0)
+    return {
+        "memory": hashlib.sha256(memory).hexdigest(),
+        "memfd": hashlib.sha256(os.read(memfd, 1 << 20)).hexdigest(),
+        "deleted": hashlib.sha256(deleted.read()).hexdigest(),
+    }
+
+
+# One fd kept open and rewritten in place: no file ever appears or vanishes
+# between checkpoint and restore (readers retry on a torn read).
+status_fd = os.open(os.path.join(state, "status.json"), os.O_RDWR | os.O_CREAT, 0o644)
+counter = 0
+digests = digest()
+while True:
+    counter += 1
+    log.write(f"{counter}\n")
+    child.stdin.write(f"{counter}\n")
+    left.send(counter.to_bytes(8, "little"))
+    echoed = int.from_bytes(right.recv(8), "little")
+    verify = os.path.join(state, "verify")
+    if os.path.exists(verify):
+        os.unlink(verify)
+        digests = digest()
+    status = {
+        "pid": os.getpid(),
+        "counter": counter,
+        "echoed": echoed,
+        "thread_counter": thread_counter,
+        "child_pid": child.pid,
+        "child_alive": child.poll() is None,
+        "digests": digests,
+        "time": time.time(),
+    }
+    os.pwrite(status_fd, json.dumps(status).encode().ljust(4096), 0)
+    time.sleep(0.02)
