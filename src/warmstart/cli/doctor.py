@@ -1,0 +1,100 @@
+"""``warmstart doctor``: can this host checkpoint and restore?"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from warmstart.cli.app import app
+from warmstart.cli.output import console, emit_json
+from warmstart.errors import WarmstartError
+
+_CAPS = {"CAP_SYS_ADMIN": 21, "CAP_SYS_PTRACE": 19, "CAP_CHECKPOINT_RESTORE": 40}
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool | None  # None: informational, not required
+    detail: str
+
+
+def _effective_caps() -> int:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def _privileges() -> Check:
+    caps = _effective_caps()
+    have = [n for n, bit in _CAPS.items() if caps >> bit & 1]
+    ok = os.geteuid() == 0 or {"CAP_SYS_ADMIN", "CAP_SYS_PTRACE"} <= set(have)
+    return Check("privileges", ok, f"euid {os.geteuid()}; {', '.join(have) or 'no checkpoint capabilities'}")
+
+
+def _criu() -> list[Check]:
+    from warmstart.host.criu import find_criu
+
+    try:
+        criu = find_criu(require_root=False)
+    except WarmstartError as exc:
+        return [Check("criu", False, str(exc))]
+    checks = [Check("criu", True, f"{criu.version} at {criu.path}")]
+    if os.geteuid() == 0:
+        ok, text = criu.check()
+        last = text.splitlines()[-1] if text else ""
+        checks.append(Check("criu check", ok, last))
+    return checks
+
+
+def _gpu() -> list[Check]:
+    try:
+        from warmstart.gpu.devices import inventory
+    except ImportError as exc:  # pragma: no cover - packaging problem
+        return [Check("nvidia driver", None, f"GPU support not importable: {exc}")]
+    try:
+        inv = inventory()
+    except WarmstartError as exc:
+        return [Check("nvidia driver", None, f"{exc} (only needed for GPU workers)")]
+    checks = [Check("nvidia driver", True, inv.summary())]
+    for gpu in inv.gpus:
+        checks.append(Check(f"gpu {gpu.index}", None, gpu.summary()))
+    return checks
+
+
+def collect() -> list[Check]:
+    return [
+        Check("kernel", None, f"{platform.release()} ({platform.machine()})"),
+        _privileges(),
+        *_criu(),
+        *_gpu(),
+    ]
+
+
+@app.command()
+def doctor(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Report whether this host can checkpoint and restore (CRIU, privileges, GPU driver)."""
+    checks = collect()
+    ready = all(c.ok is not False for c in checks)
+    if json_out:
+        emit_json({"ready": ready, "checks": [asdict(c) for c in checks]})
+    else:
+        table = Table(title="warmstart doctor", title_justify="left")
+        table.add_column("check")
+        table.add_column("status")
+        table.add_column("detail")
+        mark = {True: "[green]ok[/]", False: "[red]FAIL[/]", None: "[dim]info[/]"}
+        for c in checks:
+            table.add_row(c.name, mark[c.ok], c.detail)
+        console.print(table)
+        console.print("[green]ready to checkpoint[/]" if ready else "[red]not ready[/]")
+    raise typer.Exit(0 if ready else 1)
