@@ -365,3 +365,82 @@ class FakeCudaLib:
             return INVALID_VALUE
         ctypes.cast(out, ctypes.POINTER(ctypes.c_int))[0] = 100 + handle
         return SUCCESS
+
+
+@dataclass
+class _NvmlProc:
+    pid: int
+    usedGpuMemory: int | None  # noqa: N815 - pynvml's field name
+
+
+@dataclass
+class _NvmlMem:
+    total: int
+
+
+class FakeNvmlError(Exception):
+    pass
+
+
+class FakeNvml:
+    """A stand-in for the ``pynvml`` module: GPUs, driver, per-process memory.
+
+    ``used`` maps GPU UUID -> {pid: bytes or None}. ``broken=True`` makes
+    ``nvmlInit`` fail as on a host without the NVIDIA driver.
+    """
+
+    def __init__(
+        self,
+        gpus: Iterable[FakeGpu] = (),
+        *,
+        driver_version: str = "580.65.06",
+        cuda_version: int = 13000,
+        used: dict[str, dict[int, int | None]] | None = None,
+        broken: bool = False,
+        bytes_strings: bool = False,
+    ) -> None:
+        self.gpus = list(gpus)
+        self.driver_version = driver_version
+        self.cuda_version = cuda_version
+        self.used = used or {}
+        self.broken = broken
+        self.bytes_strings = bytes_strings  # old pynvml returned bytes
+        self.active = 0
+
+    def _s(self, text: str) -> str | bytes:
+        return text.encode() if self.bytes_strings else text
+
+    def nvmlInit(self) -> None:
+        if self.broken:
+            raise FakeNvmlError("NVML Shared Library Not Found")
+        self.active += 1
+
+    def nvmlShutdown(self) -> None:
+        self.active -= 1
+
+    def nvmlSystemGetDriverVersion(self) -> str | bytes:
+        return self._s(self.driver_version)
+
+    def nvmlSystemGetCudaDriverVersion_v2(self) -> int:
+        return self.cuda_version
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> FakeGpu:
+        return self.gpus[i]
+
+    def nvmlDeviceGetUUID(self, h: FakeGpu) -> str | bytes:
+        return self._s(h.uuid)
+
+    def nvmlDeviceGetName(self, h: FakeGpu) -> str | bytes:
+        return self._s(h.name)
+
+    def nvmlDeviceGetMemoryInfo(self, h: FakeGpu) -> _NvmlMem:
+        return _NvmlMem(h.total_memory_bytes)
+
+    def nvmlDeviceGetMinorNumber(self, h: FakeGpu) -> int:
+        return self.gpus.index(h)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h: FakeGpu) -> list[_NvmlProc]:
+        return [_NvmlProc(pid, b) for pid, b in self.used.get(h.uuid, {}).items()]
