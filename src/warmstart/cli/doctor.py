@@ -57,17 +57,30 @@ def _criu() -> list[Check]:
 
 
 def _gpu() -> list[Check]:
+    from warmstart.gpu import get_inventory
+
     try:
-        from warmstart.gpu.devices import inventory
-    except ImportError as exc:  # pragma: no cover - packaging problem
-        return [Check("nvidia driver", None, f"GPU support not importable: {exc}")]
-    try:
-        inv = inventory()
+        inv = get_inventory()
     except WarmstartError as exc:
         return [Check("nvidia driver", None, f"{exc} (only needed for GPU workers)")]
-    checks = [Check("nvidia driver", True, inv.summary())]
-    for gpu in inv.gpus:
-        checks.append(Check(f"gpu {gpu.index}", None, gpu.summary()))
+    f = inv.features
+    checks = [
+        Check(
+            "nvidia driver",
+            f.checkpoint_api,
+            f"{inv.driver_version} (CUDA driver API {inv.cuda_driver_api}, via {inv.source})",
+        ),
+        Check(
+            "gpu checkpoint features",
+            None,
+            f"checkpoint API: {'yes' if f.checkpoint_api else 'no'}; "
+            f"restore onto another GPU: {'yes' if f.gpu_remap else 'no'}",
+        ),
+    ]
+    for d in inv.devices:
+        checks.append(
+            Check(f"gpu {d.index}", None, f"{d.name}, {d.uuid}, {d.total_memory_bytes / 2**30:.1f} GiB")
+        )
     return checks
 
 
