@@ -22,7 +22,9 @@ INV = GpuInventory(
 RUNNING, LOCKED, CKPT = ProcessState.RUNNING, ProcessState.LOCKED, ProcessState.CHECKPOINTED
 
 
-def setup(pids: Sequence[int] = (1, 2, 3), **kw: object) -> tuple[GpuCheckpointSession, FakeCudaLib]:
+def setup(
+    pids: Sequence[int] = (1, 2, 3), **kw: object
+) -> tuple[GpuCheckpointSession, FakeCudaLib]:
     lib = FakeCudaLib([FakeGpu(A), FakeGpu(B)],
                       {p: FakeProcess(gpus=[A] if p != 3 else [B]) for p in (1, 2, 3)})
 
@@ -55,7 +57,9 @@ def test_full_cycle_records_gpus_bytes_and_timings() -> None:
     s.restore()
     s.unlock()
     assert states(lib) == [RUNNING] * 3
-    assert [t.name for t in s.timings] == ["gpu-lock", "gpu-checkpoint", "gpu-restore", "gpu-unlock"]
+    assert [t.name for t in s.timings] == [
+        "gpu-lock", "gpu-checkpoint", "gpu-restore", "gpu-unlock",
+    ]
     assert all(t.seconds > 0 for t in s.timings)
     assert s.timings[1].bytes == 6 << 30 and s.timings[0].bytes is None
 

@@ -14,7 +14,8 @@ from warmstart.gpu.vmm import ReservedRegion
 
 def digest(t: torch.Tensor) -> str:
     torch.cuda.synchronize()
-    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    raw = t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(raw).hexdigest()
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,7 @@ from warmstart.gpu.session import GpuCheckpointSession
 pytestmark = pytest.mark.gpu
 
 
-def test_lock_checkpoint_restore_unlock(cuda_driver, cuda_child) -> None:  # type: ignore[no-untyped-def]
+def test_lock_checkpoint_restore_unlock(cuda_driver: Any, cuda_child: Any) -> None:
     drv, child = cuda_driver, cuda_child
     before = child.ask("sum")
     computed = child.ask("compute")
@@ -41,7 +42,7 @@ def test_lock_checkpoint_restore_unlock(cuda_driver, cuda_child) -> None:  # typ
     assert child.ask("compute") == computed
 
 
-def test_restore_with_explicit_identity_pairs(cuda_driver, cuda_child) -> None:  # type: ignore[no-untyped-def]
+def test_restore_with_explicit_identity_pairs(cuda_driver: Any, cuda_child: Any) -> None:
     """The CUcheckpointRestoreArgs layout with GPU pairs is accepted (CUDA 13+)."""
     drv, child = cuda_driver, cuda_child
     if not drv.supports_remap():
@@ -57,7 +58,7 @@ def test_restore_with_explicit_identity_pairs(cuda_driver, cuda_child) -> None: 
     assert child.ask("sum") == before
 
 
-def test_remap_to_another_gpu(cuda_driver, cuda_child) -> None:  # type: ignore[no-untyped-def]
+def test_remap_to_another_gpu(cuda_driver: Any, cuda_child: Any) -> None:
     drv, child = cuda_driver, cuda_child
     devs = drv.devices()
     same = [d for d in devs if d.name == devs[0].name]
@@ -72,7 +73,7 @@ def test_remap_to_another_gpu(cuda_driver, cuda_child) -> None:  # type: ignore[
     assert child.ask("compute")
 
 
-def test_session_lock_failure_leaves_child_running(cuda_driver, cuda_child) -> None:  # type: ignore[no-untyped-def]
+def test_session_lock_failure_leaves_child_running(cuda_driver: Any, cuda_child: Any) -> None:
     drv, child = cuda_driver, cuda_child
     before = child.ask("sum")
     plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -88,7 +89,7 @@ def test_session_lock_failure_leaves_child_running(cuda_driver, cuda_child) -> N
     assert child.ask("sum") == before
 
 
-def test_session_cycle_with_vmm_release(cuda_driver, spawn_child) -> None:  # type: ignore[no-untyped-def]
+def test_session_cycle_with_vmm_release(cuda_driver: Any, spawn_child: Any) -> None:
     drv = cuda_driver
     a, b = spawn_child("--mib", "128"), spawn_child("--mib", "64", "--region-mib", "32")
     sums = {c.pid: c.ask("sum") for c in (a, b)}
@@ -103,10 +104,10 @@ def test_session_cycle_with_vmm_release(cuda_driver, spawn_child) -> None:  # ty
     assert all(p.gpu_uuid.startswith("GPU-") and p.gpu_model for p in session.processes)
     for c in (a, b):
         assert nvidia_fds(c.pid) == []
-    assert session.states() == {a.pid: ProcessState.CHECKPOINTED, b.pid: ProcessState.CHECKPOINTED}
+    assert set(session.states().values()) == {ProcessState.CHECKPOINTED}
     session.restore()
     session.unlock()
-    assert session.states() == {a.pid: ProcessState.RUNNING, b.pid: ProcessState.RUNNING}
+    assert set(session.states().values()) == {ProcessState.RUNNING}
     assert [t.name for t in session.timings] == [
         "gpu-lock", "gpu-checkpoint", "gpu-restore", "gpu-unlock",
     ]
