@@ -242,7 +242,8 @@ int cuCheckpointProcessGetState(int pid, int *s) { *s = 2; return 0; }
 int cuCheckpointProcessGetRestoreThreadId(int pid, int *t) { *t = pid + 1; return 0; }
 int cuDeviceGetCount(int *n) { *n = 1; return 0; }
 int cuDeviceGet(int *d, int i) { *d = i; return 0; }
-int cuDeviceGetName(char *buf, int len, int d) { strncpy(buf, "NVIDIA H100 80GB HBM3", len); return 0; }
+int cuDeviceGetName(char *buf, int len, int d) {
+    strncpy(buf, "NVIDIA H100 80GB HBM3", len); return 0; }
 int cuDeviceGetUuid_v2(uuid16 *u, int d) { for (int i = 0; i < 16; i++) u->b[i] = i; return 0; }
 int cuDeviceTotalMem_v2(unsigned long *m, int d) { *m = 85899345920UL; return 0; }
 """

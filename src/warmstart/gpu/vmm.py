@@ -288,4 +288,5 @@ class ReservedRegion:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("mapped" if self.is_mapped else "released")
-        return f"<ReservedRegion {self.size} bytes at {self.address:#x} on cuda:{self.device}, {state}>"
+        where = f"{self.address:#x} on cuda:{self.device}"
+        return f"<ReservedRegion {self.size} bytes at {where}, {state}>"
