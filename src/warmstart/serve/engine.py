@@ -374,6 +374,9 @@ class Engine:
                     cut = text.find(stop)
                     if stop and cut >= 0:
                         text, finish = text[:cut], "stop"
+                # hold back a partial UTF-8 sequence until its last byte arrives
+                if finish is None and text.endswith("\ufffd"):
+                    text = req.text
                 delta = text[len(req.text) :] if text.startswith(req.text) else ""
                 req.text = text if text.startswith(req.text) else req.text + delta
         if finish is not None:
