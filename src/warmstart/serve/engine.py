@@ -100,7 +100,10 @@ class Request:
 def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unsupported device {name!r}", hint="use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"device {name!r} requested but CUDA is not available", hint="use --device cpu")
