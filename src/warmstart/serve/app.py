@@ -137,7 +137,7 @@ def create_app(engine: Engine, *, restored: Callable[[], bool] = lambda: False, 
         async def events() -> AsyncIterator[bytes]:
             first = True
             async for ev in drain(req, queue):
-                if ev.text or ev.finish_reason is not None or first:
+                if ev.text or ev.finish_reason is not None or first or (body.return_token_ids and ev.token_id is not None):
                     yield sse(render(rid, created, req, ev, final=False, first=first, ids=body.return_token_ids))
                     first = False
             account(route, req, t0)
