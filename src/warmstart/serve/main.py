@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,10 +129,17 @@ def serve(
 
         watcher = threading.Thread(target=register_when_listening, name="warmstart-register", daemon=True)
         watcher.start()
-        server.run()
-        watcher.join(timeout=5)
-        for ident in registered:
-            reg.deregister(ident)
+        if threading.current_thread() is threading.main_thread():
+            # uvicorn re-raises the signal that stopped it; handle SIGTERM so that the
+            # re-raise returns here (deregister, exit 0) instead of killing the process.
+            signal.signal(signal.SIGTERM, lambda *_: None)
+        try:
+            server.run()
+        finally:
+            server.should_exit = True
+            watcher.join(timeout=5)
+            for ident in registered:
+                reg.deregister(ident)
         return ServeResult(outcome, registered[0] if registered else None)
     finally:
         engine.close()
