@@ -42,6 +42,10 @@ class RestoreContext(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     #: Source GPU UUID -> target GPU UUID, when the restore remapped GPUs.
     gpu_map: dict[str, str] = Field(default_factory=dict)
+    #: The ``checkpoint_id`` the worker wrote into ``ready-for-snapshot`` (recorded
+    #: in the snapshot's manifest). A restored worker refuses a context whose
+    #: ``checkpoint_id`` is not its own: the marker belongs to another snapshot.
+    checkpoint_id: str | None = None
 
 
 class ReadyInfo(BaseModel):
@@ -51,6 +55,9 @@ class ReadyInfo(BaseModel):
     created_at: float = Field(default_factory=time.time)
     #: Free-form facts the worker wants recorded in the manifest (model, engine, ...).
     labels: dict[str, str] = Field(default_factory=dict)
+    #: A random id the worker draws at its checkpoint point. The checkpointer
+    #: records it with the snapshot and hands it back in ``RestoreContext``.
+    checkpoint_id: str | None = None
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:

@@ -1,0 +1,1 @@
+"""Adapters that put third-party engines through `warmstart.worker.checkpoint_point`."""
