@@ -204,7 +204,7 @@ def checkpoint(
             criu_options=options.dump.as_record(),
             labels=options.labels,
         )
-        with timer.phase("publish", image_bytes):
+        with timer.phase("publish"):
             path = store.publish(staging, manifest, durable=options.durable)
         if not options.leave_running:
             # Stopped since the dump: it never runs past the snapshot.

@@ -102,7 +102,7 @@ def restore(
             if verifying is not None:
                 with timer.phase("verify-wait"):
                     verified = verifying.result()
-                timer.set_bytes("verify-wait", verified)
+                timer.add("  verified", 0.0, verified)
             with timer.phase("resume"):
                 proc.continue_tree(root_pid)
             if gpu_plan:
@@ -124,7 +124,13 @@ def restore(
 def _hand_over(manifest: Manifest, request: RestoreRequest) -> None:
     control = Path(request.control_dir)  # type: ignore[arg-type]
     ctx = protocol.RestoreContext(
-        snapshot_id=manifest.snapshot_id, snapshot_name=manifest.name, env=request.env
+        snapshot_id=manifest.snapshot_id,
+        snapshot_name=manifest.name,
+        env=request.env,
+        checkpoint_id=manifest.labels.get("checkpoint_id"),
     )
+    # A marker left for the original must not be read by the restored copy.
+    for stale in (protocol.SNAPSHOT_COMPLETE, protocol.SNAPSHOT_FAILED, protocol.READY_FOR_SNAPSHOT):
+        (control / stale).unlink(missing_ok=True)
     protocol.signal_file(control, protocol.RESTORE_CONTEXT, ctx)
     protocol.signal_file(control, protocol.RESTORE_COMPLETE)
