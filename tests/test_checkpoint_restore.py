@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import Tree, wait_for, warmstart_cmd
+from _support import Tree, wait_for, warmstart_cmd
 from warmstart.errors import SnapshotCorrupt
 from warmstart.host.process import kill_tree
 from warmstart.snapshot.checkpoint import CheckpointOptions, checkpoint

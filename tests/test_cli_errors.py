@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import warmstart_cmd
+from _support import warmstart_cmd
 
 
 def run(*args: str, env: dict[str, str] | None = None, user: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import WORKLOADS, Tree, wait_for
+from _support import WORKLOADS, Tree, wait_for
 from warmstart.host.process import kill_tree
 from warmstart.snapshot.checkpoint import CheckpointOptions, checkpoint
 from warmstart.snapshot.restore import restore

@@ -38,10 +38,12 @@ def test_reserve_write_release_remap_same_address(torch_cuda: None) -> None:
         assert t2.data_ptr() == addr
         t2.copy_(pattern + 1)
         assert torch.equal(region.as_tensor(torch.int32), pattern + 1)
+        torch.cuda.synchronize()
+        remapped_free, _ = torch.cuda.mem_get_info()
     torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    # closing gave the 64 MiB back (slack for the driver's own bookkeeping)
-    assert torch.cuda.mem_get_info()[0] >= free0 - (32 << 20)
+    # closing gave the region's physical memory back (kernels loaded lazily by
+    # torch since free0 make a comparison with free0 meaningless)
+    assert torch.cuda.mem_get_info()[0] - remapped_free >= region.size
 
 
 def test_dtype_and_shape_view(torch_cuda: None) -> None:
