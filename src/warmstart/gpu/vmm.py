@@ -24,6 +24,7 @@ sharing with another process. The CUDA checkpoint does not support IPC memory
 from __future__ import annotations
 
 import ctypes
+import math
 import enum
 import threading
 from typing import Any
@@ -276,7 +277,14 @@ class ReservedRegion:
         if dtype is not None:
             t = t.view(dtype)
         if shape is not None:
-            t = t.reshape(shape)
+            # The region is rounded up to the allocation granularity: a shape
+            # may cover less than all of it (never more).
+            count = math.prod(shape)
+            if count > t.numel():
+                raise GpuError(
+                    f"shape {tuple(shape)} needs {count} elements; the region holds {t.numel()}"
+                )
+            t = t[:count].view(shape)
         return t
 
     def _require_mapped(self) -> None:
