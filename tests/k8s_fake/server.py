@@ -140,7 +140,8 @@ class Store:
 class FakeApiServer:
     def __init__(self) -> None:
         self.store = Store()
-        self.requests: list[tuple[str, str, dict[str, list[str]]]] = []
+        #: (method, path, query, User-Agent) of every request
+        self.requests: list[tuple[str, str, dict[str, list[str]], str]] = []
         self.faults: list[_Fault] = []
         self._closing = False
         self.stats = {"conflicts": 0, "gone": 0, "watches": 0}
@@ -239,7 +240,7 @@ class FakeApiServer:
             self.faults.append(_Fault(method, pattern, code, times))
 
     def count(self, method: str, pattern: str) -> int:
-        return sum(1 for m, p, _ in self.requests if m == method and re.search(pattern, p))
+        return sum(1 for m, p, _, _ in self.requests if m == method and re.search(pattern, p))
 
     # --- HTTP ------------------------------------------------------------------------
     def _send(self, h: BaseHTTPRequestHandler, code: int, body: Obj) -> None:
@@ -255,7 +256,7 @@ class FakeApiServer:
         query = parse_qs(parts.query)
         length = int(h.headers.get("Content-Length") or 0)
         raw = h.rfile.read(length) if length else b""
-        self.requests.append((method, parts.path, query))
+        self.requests.append((method, parts.path, query, h.headers.get("User-Agent", "")))
         try:
             with self.store.cond:
                 for fault in self.faults:
