@@ -129,20 +129,30 @@ def test_informer_watch_stream_sees_changes_in_order(server, kube):
 
 
 def test_informer_relists_after_410_gone(server, kube):
-    inf, seen, stop = _collect(server, kube)
+    inf, seen, stop = _collect(server, kube, selector="spec.nodeName=n1")
     try:
         assert inf.relists == 1
-        # while the watch is between requests, history is compacted away
-        server.compact()
-        server.create("pods", _pod("late", "n1"))
-        # the running watch still delivers it; the next watch from its version is fine
+        server.create("pods", _pod("late", "n1"))  # the running watch delivers it
         assert _wait(lambda: inf.get("default/late") is not None)
-        # force an expired watch: compact and wait for the 2 s watch to be re-issued
+        # a change outside the selector, then compaction: the informer's version is gone
+        server.create("pods", _pod("unseen", "n2"))
         server.compact()
         before = server.stats["gone"]
         assert _wait(lambda: server.stats["gone"] > before, timeout=6)
         server.create("pods", _pod("after", "n1"))
         assert _wait(lambda: inf.get("default/after") is not None)
         assert inf.relists >= 2
+        assert inf.get("default/unseen") is None
+    finally:
+        stop.set()
+
+
+def test_watch_from_current_version_survives_compaction(server, kube):
+    inf, seen, stop = _collect(server, kube)
+    try:
+        server.compact()  # nothing newer than the informer's version was dropped
+        server.create("pods", _pod("x", "n1"))
+        assert _wait(lambda: inf.get("default/x") is not None)
+        assert server.stats["gone"] == 0 and inf.relists == 1
     finally:
         stop.set()

@@ -98,4 +98,11 @@ def test_scale_out_1_to_8_restores_in_parallel_and_never_twice():
         ctl_writes = [(m, p) for m, p, _, ua in server.requests
                       if ua == "warmstart-controller" and m != "GET"]
         assert not any("/pods" in p for _, p in ctl_writes), ctl_writes
-        assert sum(1 for m, p in ctl_writes if m == "POST") == 2  # the two snapshots
+        # two snapshots created; a racing second create of the same name is a harmless 409
+        reg = sys_.controller.metrics.registry
+        created = sum(reg.get_sample_value("warmstart_controller_snapshots_created_total",
+                                           {"trigger": t}) or 0 for t in ("checkpoint",
+                                                                          "cold-start"))
+        assert created == 2
+        posts = [p for m, p in ctl_writes if m == "POST"]
+        assert 2 <= len(posts) <= 3  # at most one extra, from the second A100 pod

@@ -231,7 +231,7 @@ class FakeApiServer:
     def compact(self) -> None:
         """Forget the event history: every watch from an older version gets 410 Gone."""
         with self.store.cond:
-            self.store.oldest_rv = self.store.rv + 1
+            self.store.oldest_rv = self.store.rv
             self.store.events.clear()
 
     def fail_next(self, method: str, pattern: str, code: int, times: int = 1) -> None:

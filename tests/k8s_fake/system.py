@@ -36,20 +36,21 @@ class System:
     ops: dict[str, FakeNodeOps] = field(default_factory=dict)
 
     def add_agent(self, node: str, facts: NodeFacts = H100, *, max_parallel: int = 4,
-                  **ops_kw: object) -> NodeAgent:
+                  name: str | None = None, **ops_kw: object) -> NodeAgent:
         ops = FakeNodeOps(self.cluster, node, facts, **ops_kw)  # type: ignore[arg-type]
-        agent = NodeAgent(kube_for(self.server, f"warmstart-agent/{node}"), ops,
+        name = name or node
+        agent = NodeAgent(kube_for(self.server, f"warmstart-agent/{name}"), ops,
                           AgentSettings(node_name=node, max_parallel=max_parallel,
-                                        metrics_port=0, watch_timeout=5))
+                                        metrics_port=0, watch_timeout=3))
         agent.start()
         assert wait_synced([agent.pods, agent.snapshots], agent.stop, timeout=10)
-        self.ops[node] = ops
-        self.agents[node] = agent
+        self.ops[name] = ops
+        self.agents[name] = agent
         return agent
 
     def start_controller(self) -> Controller:
         ctl = Controller(kube_for(self.server, "warmstart-controller"),
-                         ControllerSettings(workers=2, metrics_port=0, watch_timeout=5))
+                         ControllerSettings(workers=2, metrics_port=0, watch_timeout=3))
         ctl.start()
         assert wait_synced([ctl.pods, ctl.snapshots], ctl.stop, timeout=10)
         self.controller = ctl

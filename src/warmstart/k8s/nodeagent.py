@@ -81,6 +81,9 @@ class NodeAgent:
         self.metrics = metrics or AgentMetrics()
         self._facts: NodeFacts | None = None
         self._inflight: set[str] = set()
+        #: uids of pods/snapshots this process already finished with; the informer cache can
+        #: still show our own earlier write ("restoring", "Checkpointing") for a moment.
+        self._handled: set[str] = set()
         self._lock = threading.Lock()
         self.stop = threading.Event()
         self.pods = Informer(
@@ -113,12 +116,32 @@ class NodeAgent:
         return self._facts
 
     def _on_pod(self, kind: str, pod: Obj) -> None:
-        if kind != "DELETED":
+        if kind == "DELETED":
+            with self._lock:
+                self._handled.discard(pod["metadata"].get("uid", ""))
+        else:
             self.pod_queue.add(key_of(pod))
 
     def _on_snapshot(self, kind: str, snap: Obj) -> None:
-        if kind != "DELETED":
+        if kind == "DELETED":
+            with self._lock:
+                self._handled.discard(snap["metadata"].get("uid", ""))
+        else:
             self.snap_queue.add(key_of(snap))
+
+    def _begin(self, key: str, uid: str) -> bool:
+        """Mark ``key`` in flight; False if it is already, or was finished by this process."""
+        with self._lock:
+            if key in self._inflight or uid in self._handled:
+                return False
+            self._inflight.add(key)
+            return True
+
+    def _end(self, key: str, uid: str, finished: bool = True) -> None:
+        with self._lock:
+            self._inflight.discard(key)
+            if finished:
+                self._handled.add(uid)
 
     def compat_of(self, cs: dict[str, Any]) -> Compat:
         f = self.facts()
@@ -152,10 +175,9 @@ class NodeAgent:
             if patch:
                 self.kube.annotate_pod(ns, name, patch)
             return None
-        with self._lock:
-            if key in self._inflight:
-                return None
-            self._inflight.add(key)
+        uid = meta.get("uid", key)
+        if not self._begin(key, uid):
+            return None
         try:
             if prior is not None and prior.result == "restoring":
                 self._cold_start(ns, name, cid, patch, "interrupted",
@@ -163,8 +185,7 @@ class NodeAgent:
                 return None
             return self._restore(ns, name, str(wanted), meta, cid, compat, patch)
         finally:
-            with self._lock:
-                self._inflight.discard(key)
+            self._end(key, uid)
 
     def _pick(self, ns: str, workload: str | None, wanted: str,
               compat: Compat) -> tuple[Obj | None, str, str]:
@@ -248,14 +269,17 @@ class NodeAgent:
         if snap is None:
             return None
         st = status_of(snap)
+        uid = snap["metadata"].get("uid", key)
         if st.node != self.node:
             return None
         if st.phase == Phase.CHECKPOINTING and st.claimed_by == self.node:
-            with self._lock:
-                busy = key in self._inflight
-            if not busy:  # we claimed it before a restart: that attempt is lost
-                self._finish(key, lambda s: self._failed(s, "Interrupted",
-                                                         "the agent restarted mid-checkpoint"))
+            if self._begin(key, uid):  # claimed before this process started: attempt lost
+                try:
+                    self._finish(key, lambda s: self._failed(
+                        s, "Interrupted", "the agent restarted mid-checkpoint")
+                        if s.phase == Phase.CHECKPOINTING else None)
+                finally:
+                    self._end(key, uid)
             return None
         if st.phase != Phase.PENDING or st.claimed_by:
             return None
@@ -264,15 +288,14 @@ class NodeAgent:
         cs = running_container(pod, st.container) if pod else None
         if cs is None:
             return 1.0  # the controller bound a pod that is not running yet
-        with self._lock:
-            if key in self._inflight:
-                return None
-            self._inflight.add(key)
+        if not self._begin(key, uid):
+            return None
+        retry: float | None = None
         try:
-            return self._checkpoint(snap, st, pod, cs)
+            retry = self._checkpoint(snap, st, pod, cs)
+            return retry
         finally:
-            with self._lock:
-                self._inflight.discard(key)
+            self._end(key, uid, finished=retry is None)
 
     def _checkpoint(self, snap: Obj, st: SnapshotStatus, pod: Obj | None,
                     cs: dict[str, Any]) -> float | None:
