@@ -170,7 +170,10 @@ class NodeAgent:
                 self.kube.annotate_pod(ns, name, patch)
             return None
         done = ann.get(contract.ANN_RESTORE_STATUS)
-        prior = RestoreStatus.model_validate_json(done) if done else None
+        try:
+            prior = RestoreStatus.model_validate_json(done) if done else None
+        except ValueError:
+            prior = None  # unreadable (hand-edited): decide afresh
         if prior is not None and prior.result in ("restored", "cold-start"):
             if patch:
                 self.kube.annotate_pod(ns, name, patch)
