@@ -75,6 +75,15 @@ def test_failed_snapshot_is_not_retried_automatically():
             "annotations"].update(poke="1"))  # more pod events do not make a second one
         wait_for(lambda: False, timeout=0.5)
         assert len(sys_.cluster.snapshots()) == 1
+        # the operator fixes the pod and deletes the Failed snapshot: a new one is taken
+        (failed,) = sys_.cluster.snapshots()
+        sys_.server.mutate("pods", "default", "src", lambda o: o["status"][
+            "containerStatuses"][0].update(containerID="containerd://src-cid"))
+        sys_.cluster.set_ready("src", how="cold")
+        sys_.server.delete("snapshots", "default", failed["metadata"]["name"])
+        assert wait_for(lambda: [s.get("status", {}).get("phase")
+                                 for s in sys_.cluster.snapshots()] == ["Ready"])
+        assert sys_.cluster.snapshots()[0]["metadata"]["uid"] != failed["metadata"]["uid"]
 
 
 def test_pod_name_source_that_does_not_exist_waits_with_reason():

@@ -117,6 +117,15 @@ class Controller:
     def _on_snapshot(self, kind: str, snap: Obj) -> None:
         if kind != "DELETED":
             self.queue.add("snap:" + key_of(snap))
+            return
+        # a deleted snapshot (e.g. a Failed one removed by an operator) may be owed again
+        meta = snap["metadata"]
+        workload = (meta.get("labels") or {}).get(contract.LABEL_WORKLOAD)
+        for pod in self.pods.items():
+            pm = pod["metadata"]
+            if pm.get("namespace") == meta.get("namespace") and \
+                    (pm.get("labels") or {}).get(contract.LABEL_WORKLOAD) == workload:
+                self.queue.add("pod:" + key_of(pod))
 
     def reconcile(self, item: str) -> float | None:
         kind, _, key = item.partition(":")

@@ -44,9 +44,6 @@ class Source(_Wire):
 class Options(_Wire):
     #: Wait for the worker's ``ready-for-snapshot`` before checkpointing.
     wait_ready: bool = True
-    #: Keep the source pod running after the checkpoint.
-    leave_running: bool = True
-    timeout_seconds: int = 900
 
 
 class SnapshotSpec(_Wire):
