@@ -38,6 +38,14 @@ _ROUTES = [
 _KINDS = {"pods": ("v1", "Pod"), "snapshots": ("warmstart.dev/v1alpha1", "Snapshot")}
 
 
+def _route(path: str) -> tuple[str, dict[str, str | None]]:
+    for rx, resource, _namespaced in _ROUTES:
+        m = rx.match(path)
+        if m:
+            return resource, m.groupdict()
+    raise ApiError(404, "NotFound", f"no route {path}")
+
+
 class ApiError(Exception):
     def __init__(self, code: int, reason: str, message: str) -> None:
         super().__init__(message)
@@ -266,13 +274,7 @@ class FakeApiServer:
                         if fault.code == 409:
                             self.stats["conflicts"] += 1
                         raise ApiError(fault.code, "Injected", f"injected {fault.code}")
-            for rx, resource, _namespaced in _ROUTES:
-                m = rx.match(parts.path)
-                if m:
-                    break
-            else:
-                raise ApiError(404, "NotFound", f"no route {parts.path}")
-            groups = m.groupdict()
+            resource, groups = _route(parts.path)
             ns, name, sub = groups.get("ns"), groups.get("name"), groups.get("sub")
             if method == "GET" and name is None and query.get("watch", ["false"])[0].lower() in (
                     "true", "1"):
