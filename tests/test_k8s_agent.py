@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 
-import pytest
+from k8s_fake.cluster import FakeNodeOps, StoredSnapshot, wait_for
+from k8s_fake.system import A100, H100, kube_for, running_system
 
-pytest.importorskip("kubernetes")
-
-from k8s_fake.cluster import FakeNodeOps, StoredSnapshot, wait_for  # noqa: E402
-from k8s_fake.system import A100, H100, kube_for, running_system  # noqa: E402
-from warmstart.k8s import contract  # noqa: E402
-from warmstart.k8s.nodeagent import NodeAgent  # noqa: E402
-from warmstart.k8s.resources import Compat, status_of  # noqa: E402
-from warmstart.k8s.settings import AgentSettings  # noqa: E402
+from warmstart.k8s import contract
+from warmstart.k8s.nodeagent import NodeAgent
+from warmstart.k8s.resources import Compat, status_of
+from warmstart.k8s.settings import AgentSettings
 
 IMAGE = "registry.example/llm@sha256:aaa"
 
@@ -180,7 +177,7 @@ def test_a_claim_from_a_stale_read_loses_with_409_and_never_checkpoints():
         snap = sys_.server.get("snapshots", "default", "s1")  # both read the same version
         pod = sys_.server.get("pods", "default", "src")
         cs = pod["status"]["containerStatuses"][0]
-        (a, a_ops), (b, b_ops) = agents
+        (a, _a_ops), (b, b_ops) = agents
         assert a._checkpoint(dict(snap), status_of(snap), pod, cs) is None
         assert b._checkpoint(dict(snap), status_of(snap), pod, cs) == 0.2  # retry later
         assert sys_.server.stats["conflicts"] == 1

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from k8s_fake.cluster import wait_for
+from k8s_fake.system import H100, running_system
 
-pytest.importorskip("kubernetes")
-
-from k8s_fake.cluster import wait_for  # noqa: E402
-from k8s_fake.system import H100, running_system  # noqa: E402
-from warmstart.k8s import contract  # noqa: E402
-from warmstart.k8s.controller import wants_snapshot  # noqa: E402
+from warmstart.k8s import contract
+from warmstart.k8s.controller import wants_snapshot
 
 
 def _status(sys_, name):
@@ -106,6 +104,7 @@ def test_invalid_spec_fails_with_one_line_message():
         assert wait_for(lambda: _status(sys_, "bad").get("phase") == "Failed")
         st = _status(sys_, "bad")
         assert st["failureReason"] == "InvalidSpec" and "\n" not in st["message"]
+        assert st["message"].startswith("spec.source.")
 
 
 @pytest.mark.parametrize("ann,expected", [

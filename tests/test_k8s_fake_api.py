@@ -10,13 +10,11 @@ import threading
 import time
 
 import pytest
+from k8s_fake import FakeApiServer
+from kubernetes.client.rest import ApiException
 
-kubernetes = pytest.importorskip("kubernetes")
-from kubernetes.client.rest import ApiException  # noqa: E402
-
-from k8s_fake import FakeApiServer  # noqa: E402
-from warmstart.k8s import contract  # noqa: E402
-from warmstart.k8s.kube import Informer, Kube, api_client  # noqa: E402
+from warmstart.k8s import contract
+from warmstart.k8s.kube import Informer, Kube, api_client
 
 
 def _pod(name: str, node: str, labels: dict[str, str] | None = None) -> dict:
@@ -129,7 +127,7 @@ def test_informer_watch_stream_sees_changes_in_order(server, kube):
 
 
 def test_informer_relists_after_410_gone(server, kube):
-    inf, seen, stop = _collect(server, kube, selector="spec.nodeName=n1")
+    inf, _seen, stop = _collect(server, kube, selector="spec.nodeName=n1")
     try:
         assert inf.relists == 1
         server.create("pods", _pod("late", "n1"))  # the running watch delivers it
@@ -148,7 +146,7 @@ def test_informer_relists_after_410_gone(server, kube):
 
 
 def test_watch_from_current_version_survives_compaction(server, kube):
-    inf, seen, stop = _collect(server, kube)
+    inf, _seen, stop = _collect(server, kube)
     try:
         server.compact()  # nothing newer than the informer's version was dropped
         server.create("pods", _pod("x", "n1"))

@@ -9,18 +9,24 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import kubernetes_validate as kv
 import pytest
 import yaml
 from pydantic.alias_generators import to_camel
 
-kv = pytest.importorskip("kubernetes_validate")
-jsonschema = pytest.importorskip("jsonschema")
-
-from warmstart.k8s import contract  # noqa: E402
-from warmstart.k8s.resources import (Condition, LabelSelector, Options,  # noqa: E402
-                                     PhaseTimingStatus, SnapshotSpec, SnapshotStatus, Source,
-                                     new_snapshot)
-from warmstart.k8s.settings import AgentSettings, ControllerSettings  # noqa: E402
+from warmstart.k8s import contract
+from warmstart.k8s.resources import (
+    Condition,
+    LabelSelector,
+    Options,
+    PhaseTimingStatus,
+    SnapshotSpec,
+    SnapshotStatus,
+    Source,
+    new_snapshot,
+)
+from warmstart.k8s.settings import AgentSettings, ControllerSettings
 
 ROOT = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
 TARGETS = [".", "overlays/hostpath", "overlays/pvc", "overlays/nfs", "overlays/k3s",

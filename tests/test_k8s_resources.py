@@ -9,8 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from warmstart.errors import UsageError
-from warmstart.k8s.resources import (Compat, Phase, SnapshotStatus, image_digest,
-                                     snapshot_name_for, status_of)
+from warmstart.k8s.resources import (
+    Compat,
+    Phase,
+    SnapshotStatus,
+    image_digest,
+    snapshot_name_for,
+    status_of,
+)
 from warmstart.k8s.settings import AgentSettings, ControllerSettings
 
 H100 = Compat(arch="x86_64", gpu_model="NVIDIA H100", driver_version="580.65.06",

@@ -12,13 +12,10 @@ import json
 import time
 from collections import Counter
 
-import pytest
+from k8s_fake.cluster import wait_for
+from k8s_fake.system import A100, H100, running_system
 
-pytest.importorskip("kubernetes")
-
-from k8s_fake.cluster import wait_for  # noqa: E402
-from k8s_fake.system import A100, H100, running_system  # noqa: E402
-from warmstart.k8s import contract  # noqa: E402
+from warmstart.k8s import contract
 
 TEMPLATE = {contract.ANN_CHECKPOINT: contract.CHECKPOINT_WHEN_READY,
             contract.ANN_RESTORE: contract.RESTORE_LATEST}

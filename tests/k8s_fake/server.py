@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 Obj = dict[str, Any]
@@ -36,6 +36,14 @@ _ROUTES = [
                 r"(?:/(?P<name>[^/]+)(?P<sub>/status)?)?$"), "snapshots", True),
 ]
 _KINDS = {"pods": ("v1", "Pod"), "snapshots": ("warmstart.dev/v1alpha1", "Snapshot")}
+
+
+def _route(path: str) -> tuple[str, dict[str, str | None]]:
+    for rx, resource, _namespaced in _ROUTES:
+        m = rx.match(path)
+        if m:
+            return resource, m.groupdict()
+    raise ApiError(404, "NotFound", f"no route {path}")
 
 
 class ApiError(Exception):
@@ -181,11 +189,11 @@ class FakeApiServer:
         host, port = self._httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    def __enter__(self) -> FakeApiServer:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
-    def __exit__(self, *_exc: Any) -> None:
+    def __exit__(self, *_exc: object) -> None:
         self._closing = True
         with self.store.cond:
             self.store.cond.notify_all()
@@ -266,13 +274,7 @@ class FakeApiServer:
                         if fault.code == 409:
                             self.stats["conflicts"] += 1
                         raise ApiError(fault.code, "Injected", f"injected {fault.code}")
-            for rx, resource, _namespaced in _ROUTES:
-                m = rx.match(parts.path)
-                if m:
-                    break
-            else:
-                raise ApiError(404, "NotFound", f"no route {parts.path}")
-            groups = m.groupdict()
+            resource, groups = _route(parts.path)
             ns, name, sub = groups.get("ns"), groups.get("name"), groups.get("sub")
             if method == "GET" and name is None and query.get("watch", ["false"])[0].lower() in (
                     "true", "1"):

@@ -18,25 +18,28 @@ Workload opt-in (on the pod template of a Deployment/StatefulSet):
 Written by the node agent (never by users):
 
 * annotation ``warmstart.dev/compat-key`` — the pod's compatibility class on its node.
-* annotation ``warmstart.dev/restore-status`` — JSON :class:`~warmstart.k8s.resources.RestoreStatus`.
+* annotation ``warmstart.dev/restore-status`` — JSON
+  :class:`~warmstart.k8s.resources.RestoreStatus`.
 
 Placeholder contract (``warmstart placeholder -- <original command...>``), all files in
-``$SNAPSHOT_CONTROL_DIR`` (an ``emptyDir`` shared by nobody else; see
-:mod:`warmstart.protocol`):
+``$SNAPSHOT_CONTROL_DIR`` (an ``emptyDir`` of this pod; see :mod:`warmstart.protocol`):
 
-1. The placeholder starts, does nothing, and waits.
-2. The agent writes ``restore-started`` when it begins restoring into the container; the
-   restore then replaces the placeholder's process tree. When the restored worker resumes, the
-   checkpointer writes ``restore-context.json`` then ``restore-complete`` (protocol.py).
-3. The agent writes ``cold-start`` (body: one line, the reason) when there is nothing compatible
-   to restore or the restore failed. The placeholder then ``exec``s the original command: the
-   pod cold-starts by itself.
-4. If neither ``restore-started`` nor ``cold-start`` appears within ``WARMSTART_PLACEHOLDER_DEADLINE``
-   seconds (default 120; the agent may be down), the placeholder writes ``cold-start`` itself
-   and execs the original command. Once ``restore-started`` exists, the placeholder waits up to
-   ``WARMSTART_RESTORE_DEADLINE`` seconds (default 600) more, then does the same.
-5. Startup probe: passes when ``restore-complete`` or ``cold-start`` exists, i.e. a restored pod
-   is "started" only when the restore completed. Readiness stays the worker's own probe.
+1. The placeholder starts as the container's main process, does nothing, and waits.
+2. The node daemon writes ``restore-started`` when it begins restoring into the container,
+   then restores the snapshot's process tree into the container's namespaces. The placeholder
+   stays the container's init: the restored tree is reparented to it, and when the restored
+   root process exits the placeholder exits with its status. When the restored worker may
+   resume, the checkpointer writes ``restore-context.json`` then ``restore-complete``.
+3. The agent writes ``cold-start`` (body: one line, the reason) when there is nothing
+   compatible to restore or the restore failed. The placeholder then ``exec``s the original
+   command: the pod cold-starts by itself. After ``restore-complete`` it never does.
+4. If neither ``restore-started`` nor ``cold-start`` appears within
+   ``WARMSTART_PLACEHOLDER_DEADLINE`` seconds (default 120; the agent may be down), the
+   placeholder writes ``cold-start`` itself and execs the original command. Once
+   ``restore-started`` exists, it waits up to ``WARMSTART_RESTORE_DEADLINE`` seconds (default
+   600) for ``restore-complete`` or ``cold-start``, then does the same.
+5. Startup probe: passes when ``restore-complete`` or ``cold-start`` exists, i.e. a restored
+   pod is "started" only when the restore completed. Readiness stays the worker's own probe.
 """
 
 from __future__ import annotations

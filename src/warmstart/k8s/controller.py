@@ -23,13 +23,32 @@ from typing import Any
 
 from kubernetes.client.rest import ApiException
 from prometheus_client import CollectorRegistry, Counter, start_http_server
+from pydantic import ValidationError
 
 from warmstart.k8s import contract
-from warmstart.k8s.kube import (Informer, Kube, Obj, WorkQueue, api_client, is_conflict,
-                                key_of, run_until_stopped, split_key)
+from warmstart.k8s.kube import (
+    Informer,
+    Kube,
+    Obj,
+    WorkQueue,
+    api_client,
+    is_conflict,
+    key_of,
+    run_until_stopped,
+    split_key,
+)
 from warmstart.k8s.nodeagent import running_container, target_container
-from warmstart.k8s.resources import (Compat, Phase, RestoreStatus, SnapshotSpec, Source,
-                                     new_snapshot, snapshot_name_for, spec_of, status_of)
+from warmstart.k8s.resources import (
+    Compat,
+    Phase,
+    RestoreStatus,
+    SnapshotSpec,
+    Source,
+    new_snapshot,
+    snapshot_name_for,
+    spec_of,
+    status_of,
+)
 from warmstart.k8s.settings import ControllerSettings
 
 log = logging.getLogger(__name__)
@@ -203,11 +222,14 @@ class Controller:
         st = status_of(snap)
         if st.node or st.phase != Phase.PENDING:
             return None
-        ns, name = split_key(key)
+        ns, _name = split_key(key)
         try:
             spec = spec_of(snap)
-        except ValueError as exc:
-            return self._set_status(snap, lambda s: self._invalid(s, str(exc).splitlines()[0]))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            message = f"spec.{where}: {first['msg']}"
+            return self._set_status(snap, lambda s: self._invalid(s, message))
         pod, why = self._source_pod(ns, spec)
         container = spec.source.container or (target_container(pod) if pod else None)
         if pod is None or not (pod.get("spec") or {}).get("nodeName") or \

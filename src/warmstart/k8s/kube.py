@@ -237,7 +237,7 @@ class Informer:
                                 exc.reason)
                     self._stop.wait(self._backoff)
                 rv = None
-            except Exception as exc:  # connection dropped, server restarted
+            except Exception as exc:  # noqa: BLE001  (connection dropped, server restarted)
                 if self._stop.is_set():
                     return
                 log.warning("%s: watch failed (%s); relisting", self.name, exc)

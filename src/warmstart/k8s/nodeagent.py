@@ -24,13 +24,36 @@ from kubernetes.client.rest import ApiException
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 from warmstart.k8s import contract
-from warmstart.k8s.kube import (Informer, Kube, Obj, WorkQueue, api_client, is_conflict,
-                                key_of, run_until_stopped, split_key)
-from warmstart.k8s.node import (NodeFacts, NodeOperations, OperationReport,
-                                UnixSocketNodeOperations, strip_runtime_prefix)
-from warmstart.k8s.resources import (Compat, Phase, PhaseTimingStatus, RestoreStatus,
-                                     SnapshotStatus, image_digest, now, snapshot_compat,
-                                     spec_of, status_of)
+from warmstart.k8s.kube import (
+    Informer,
+    Kube,
+    Obj,
+    WorkQueue,
+    api_client,
+    is_conflict,
+    key_of,
+    run_until_stopped,
+    split_key,
+)
+from warmstart.k8s.node import (
+    NodeFacts,
+    NodeOperations,
+    OperationReport,
+    UnixSocketNodeOperations,
+    strip_runtime_prefix,
+)
+from warmstart.k8s.resources import (
+    Compat,
+    Phase,
+    PhaseTimingStatus,
+    RestoreStatus,
+    SnapshotStatus,
+    image_digest,
+    now,
+    snapshot_compat,
+    spec_of,
+    status_of,
+)
 from warmstart.k8s.settings import AgentSettings
 
 log = logging.getLogger(__name__)
@@ -259,7 +282,8 @@ class NodeAgent:
         log.info("cold start of %s/%s: %s", ns, name, message)
         try:
             self.ops.cold_start(cid, message)
-        except Exception as exc:  # the placeholder's own deadline still cold-starts the pod
+        # the placeholder's own deadline still cold-starts the pod
+        except Exception as exc:  # noqa: BLE001
             log.warning("could not signal cold start to %s/%s (%s)", ns, name, exc)
         self.metrics.restores.labels("cold-start", reason).inc()
         self.kube.annotate_pod(ns, name, {**patch, contract.ANN_RESTORE_STATUS: RestoreStatus(
@@ -286,7 +310,7 @@ class NodeAgent:
             return None
         if st.phase != Phase.PENDING or st.claimed_by:
             return None
-        ns, name = split_key(key)
+        ns, _name = split_key(key)
         pod = self.pods.get(f"{ns}/{st.source_pod}")
         cs = running_container(pod, st.container) if pod else None
         if cs is None:
@@ -324,7 +348,7 @@ class NodeAgent:
             report = self.ops.checkpoint_container(
                 strip_runtime_prefix(cs["containerID"]), st.store_key, store,
                 spec.options.wait_ready)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (any daemon failure fails the snapshot)
             report = OperationReport(id="", ok=False, error=str(exc))
         self.metrics.checkpoints.labels("ok" if report.ok else "failed").inc()
         compat = self.compat_of(cs)
