@@ -147,3 +147,15 @@ def run(
     if restored:
         console.print(timing_table(f"restore {checkpoint_as}", restored.timer.phases, restored.timer.total))
         console.print(f"restored worker running as PID {restored.pid}")
+
+
+@app.command()
+def controller(
+    kubeconfig: Annotated[
+        Optional[Path], typer.Option("--kubeconfig", help="Outside a cluster: kubeconfig file.")
+    ] = None,
+) -> None:
+    """Run the Kubernetes controller (Snapshot resources; see docs/kubernetes.md)."""
+    from warmstart.k8s.controller import run as run_controller
+
+    run_controller(kubeconfig=str(kubeconfig) if kubeconfig else None)
