@@ -1,21 +1,12 @@
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
-
-WORKLOADS = Path(__file__).parent / "workloads"
-
 
 from _support import Tree, _children, start_tree
 

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import torch

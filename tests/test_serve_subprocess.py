@@ -19,6 +19,9 @@ import pytest
 from warmstart import protocol
 from warmstart.serve.engine import Engine, EngineConfig, SamplingParams
 from warmstart.serve.modelmake import make_model
+from warmstart.snapshot.checkpoint import CheckpointOptions, checkpoint
+from warmstart.snapshot.restore import RestoreRequest, restore
+from warmstart.store.local import LocalStore
 from warmstart.worker.preflight import inet_sockets
 
 CRIU = "/usr/local/sbin/criu"
@@ -182,10 +185,8 @@ def _criu_usable() -> str | None:
 @pytest.mark.slow
 @pytest.mark.skipif(_criu_usable() is not None, reason=str(_criu_usable()))
 def test_criu_checkpoint_restore_end_to_end(tmp_path, model_dir, reference_ids):
-    criu = CRIU if os.path.exists(CRIU) else shutil.which("criu")
-    cdir, reg, images = tmp_path / "control", tmp_path / "registry", tmp_path / "images"
+    cdir, reg = tmp_path / "control", tmp_path / "registry"
     cdir.mkdir()
-    images.mkdir()
     proc = start_worker(tmp_path, model_dir, "--port", "0", "--register-dir", str(reg),
                         env={protocol.CONTROL_DIR_ENV: str(cdir)})
     pid = proc.pid
@@ -193,19 +194,15 @@ def test_criu_checkpoint_restore_end_to_end(tmp_path, model_dir, reference_ids):
         ready = cdir / protocol.READY_FOR_SNAPSHOT
         wait_for(ready.exists, 120, "ready-for-snapshot", tmp_path / "worker.err")
         info = protocol.read_model(ready, protocol.ReadyInfo)
-        dump = subprocess.run([criu, "dump", "-t", str(pid), "-D", str(images), "-v4", "-o", "dump.log"],
-                              capture_output=True, text=True, timeout=300)
-        assert dump.returncode == 0, (images / "dump.log").read_text()[-3000:]
-        proc.wait(30)  # criu kills the dumped tree; reap it
-        # the original is gone; clear its markers and restore (same PID comes back)
-        for name in (protocol.READY_FOR_SNAPSHOT, protocol.SNAPSHOT_COMPLETE):
-            (cdir / name).unlink(missing_ok=True)
-        restore = subprocess.run([criu, "restore", "-D", str(images), "-d", "-v4", "-o", "restore.log"],
-                                 capture_output=True, text=True, timeout=300)
-        assert restore.returncode == 0, (images / "restore.log").read_text()[-3000:]
-        assert psutil.pid_exists(pid)
+        # through warmstart itself: checkpoint at the point, restore, hand over
+        store = LocalStore(tmp_path / "store")
+        labels = {"checkpoint_id": info.checkpoint_id} if info.checkpoint_id else {}
+        checkpoint(pid, store=store, name="worker", options=CheckpointOptions(labels=labels))
+        proc.wait(30)  # killed after the snapshot was published; reap it
         port = free_port()
-        hand_over(cdir, info, {"POD_NAME": "restored-1", "HOSTNAME": "replica-host", "WARMSTART_PORT": str(port)})
+        env = {"POD_NAME": "restored-1", "HOSTNAME": "replica-host", "WARMSTART_PORT": str(port)}
+        restored = restore("worker", store=store, request=RestoreRequest(control_dir=cdir, env=env))
+        assert restored.pid == pid
         entry = reg / "restored-1.json"
         wait_for(entry.exists, 60, "registration of the restored worker", tmp_path / "worker.err")
         assert json.loads(entry.read_text())["port"] == port
