@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterable
 
 import psutil
@@ -91,14 +90,3 @@ def continue_tree(pid: int) -> None:
             os.kill(p.pid, signal.SIGCONT)
         except ProcessLookupError:
             pass
-
-
-def wait_stopped(pid: int, *, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_STOPPED:
-                return
-        except psutil.NoSuchProcess:
-            return
-        time.sleep(0.005)
