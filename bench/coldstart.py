@@ -33,8 +33,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def first_token(port: int, t0: float, timeout: float = 600) -> tuple[float, float, str]:
-    """(seconds to /ready, seconds to the first completion, its text), from t0."""
+def first_token(
+    port: int, t0: float, startup: dict[str, float], timeout: float = 600
+) -> tuple[float, float, str]:
+    """(seconds to /ready, seconds to the first completion, its text), from t0.
+
+    ``startup`` receives the worker's own start-up phases from /ready.
+    """
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -46,6 +51,8 @@ def first_token(port: int, t0: float, timeout: float = 600) -> tuple[float, floa
             raise SystemExit(f"worker on {port} never became ready")
         time.sleep(0.01)
     ready = time.perf_counter() - t0
+    startup.clear()
+    startup.update(httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).json().get("startup", {}))
     r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=PROMPT, timeout=120).json()
     return ready, time.perf_counter() - t0, r["choices"][0]["text"]
 
@@ -60,12 +67,15 @@ def cold(model: str, device: str, kv: float) -> dict[str, float | str]:
     t0 = time.perf_counter()
     p = subprocess.Popen(serve_cmd(model, device, kv, port), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    startup: dict[str, float] = {}
     try:
-        ready, ttft, text = first_token(port, t0)
+        ready, ttft, text = first_token(port, t0, startup)
     finally:
         p.kill()
         p.wait()
-    return {"ready_s": ready, "first_token_s": ttft, "text": text}
+    known = sum(startup.values())
+    return {**startup, "phase2_and_rest_s": ready - known, "ready_s": ready,
+            "first_token_only_s": ttft - ready, "first_token_s": ttft, "text": text}  # fmt: skip
 
 
 def warm(model: str, device: str, kv: float, store: Path) -> dict[str, float | str]:
@@ -79,7 +89,7 @@ def warm(model: str, device: str, kv: float, store: Path) -> dict[str, float | s
     t_restored = time.perf_counter()
     run = json.loads(out.stdout)
     try:
-        ready, ttft, text = first_token(new_port, t_restored)
+        ready, ttft, text = first_token(new_port, t_restored, {})
     finally:
         subprocess.run(["kill", "-9", str(run["pid"])], check=False)
     phases = {p["name"].strip(): p["seconds"] for p in run["restore"]}
@@ -90,6 +100,7 @@ def warm(model: str, device: str, kv: float, store: Path) -> dict[str, float | s
         "criu_restore_s": phases.get("criu-restore", 0.0),
         "gpu_restore_s": phases.get("gpu-restore", 0.0),
         "restored_to_ready_s": ready,
+        "first_token_only_s": ttft - ready,
         "restore_to_first_token_s": run["restore_s"] + ttft,
         "text": text,
     }
@@ -110,6 +121,13 @@ def main() -> None:
                          "ratio": c["first_token_s"] / w["restore_to_first_token_s"],
                          "same_output": c["text"] == w["text"]})  # fmt: skip
     print(json.dumps(rows, indent=2))
+    for r in rows:
+        c, w = r["cold"], r["warm"]
+        cold_phases = ["imports_s", "weights_load_s", "kv_alloc_s", "warmup_s", "phase2_and_rest_s",
+                       "first_token_only_s"]  # fmt: skip
+        warm_phases = ["criu_restore_s", "gpu_restore_s", "restored_to_ready_s", "first_token_only_s"]
+        print(f"KV {r['kv_gib']:g} GiB  cold: " + ", ".join(f"{k[:-2]} {c.get(k, 0):.2f}" for k in cold_phases))
+        print(f"KV {r['kv_gib']:g} GiB  restore: " + ", ".join(f"{k[:-2]} {w.get(k, 0):.2f}" for k in warm_phases))
     print(f"{'KV GiB':>6} {'cold→1st tok':>12} {'restore→1st tok':>15} {'ratio':>6} "
           f"{'criu':>6} {'gpu':>6} {'snapshot GB':>11} {'same':>5}")  # fmt: skip
     for r in rows:

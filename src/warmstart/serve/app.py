@@ -212,7 +212,8 @@ def create_app(engine: Engine, *, restored: Callable[[], bool] = lambda: False, 
     @app.get("/ready")
     async def ready() -> JSONResponse:
         body = {"ready": engine.ready, "restored": restored(), "model": engine.model_name,
-                "device": str(engine.device), "cuda_graphs": engine.graph_status}
+                "device": str(engine.device), "cuda_graphs": engine.graph_status,
+                "startup": engine.startup}
         return JSONResponse(body, status_code=200 if engine.ready else 503)
 
     @app.get("/metrics")

@@ -145,10 +145,15 @@ class Engine:
         _check_model_dir(path)
         self.model_dir = path
         self.model_name = config.served_name or path.name
+        t0 = time.perf_counter()
         self.tokenizer, self.model = self._load(path)
+        #: Seconds spent in each start-up step (reported by /ready and bench/coldstart.py).
+        self.startup: dict[str, float] = {"weights_load_s": time.perf_counter() - t0}
         self.vocab_limit = min(len(self.tokenizer), self.model.config.get_text_config().vocab_size)
         self.eos_ids = self._eos_ids()
+        t0 = time.perf_counter()
         self.store = self._allocate_kv()
+        self.startup["kv_alloc_s"] = time.perf_counter() - t0
         self.cache = RegionCache(self.store)
         self.max_seqs = self.store.shape[2]
         self.max_len = self.store.shape[4]

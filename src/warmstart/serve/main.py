@@ -12,8 +12,10 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
 
 from warmstart import protocol
 from warmstart.errors import UsageError
@@ -35,6 +37,14 @@ log = logging.getLogger("warmstart.serve")
 class ServeResult:
     outcome: Outcome
     identity: Identity | None
+
+
+def _seconds_since_process_start() -> float:
+    """From /proc, to the clock tick: both figures count from boot."""
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    stat = Path("/proc/self/stat").read_text()
+    start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def serve(
@@ -68,6 +78,8 @@ def serve(
     # ---- phase 1: engine init, no sockets --------------------------------------------------
     from warmstart.serve.engine import Engine, EngineConfig
 
+    imports_s = _seconds_since_process_start()  # interpreter start, imports, arguments
+
     engine = Engine(
         EngineConfig(
             model_dir=model_dir,
@@ -81,7 +93,9 @@ def serve(
         )
     )
     try:
+        t0 = time.perf_counter()
         engine.warmup()
+        engine.startup["warmup_s"] = time.perf_counter() - t0
         outcome = checkpoint_point(
             release=engine.release_kv,
             reacquire=engine.reacquire_kv,
@@ -99,6 +113,7 @@ def serve(
             },
         )
 
+        engine.startup["imports_s"] = imports_s
         # ---- phase 2: identity, listener, registration ------------------------------------
         import uvicorn
 
