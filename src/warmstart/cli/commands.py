@@ -21,11 +21,11 @@ StoreOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
 
 
-def _store(path: Path | None) -> LocalStore:
+def open_store(path: Path | None) -> LocalStore:
     return LocalStore(path or default_root())
 
 
-def _parse_env(items: list[str]) -> dict[str, str]:
+def parse_pairs(items: list[str]) -> dict[str, str]:
     env = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -84,10 +84,10 @@ def checkpoint(
         ),
         gpu_lock_timeout_s=gpu_lock_timeout,
         durable=not no_fsync,
-        labels=_parse_env(label),
+        labels=parse_pairs(label),
     )
     with progress(not json_out, f"checkpointing PID {pid}") as on_phase:
-        result = do_checkpoint(pid, store=_store(store), name=name, options=options, listener=on_phase)
+        result = do_checkpoint(pid, store=open_store(store), name=name, options=options, listener=on_phase)
     m = result.manifest
     if json_out:
         emit_json(
@@ -135,13 +135,13 @@ def restore(
     from warmstart.snapshot.restore import RestoreRequest
     from warmstart.snapshot.restore import restore as do_restore
 
-    s = _store(store)
+    s = open_store(store)
     manifest = s.manifest(name)
     control = control_dir or (
         Path(manifest.labels["control_dir"]) if "control_dir" in manifest.labels else None
     )
     request = RestoreRequest(
-        gpu_map=tuple(gpu_map), verify=not no_verify, control_dir=control, env=_parse_env(env)
+        gpu_map=tuple(gpu_map), verify=not no_verify, control_dir=control, env=parse_pairs(env)
     )
     with progress(not json_out, f"restoring {name}") as on_phase:
         result = do_restore(name, store=s, request=request, listener=on_phase)
@@ -170,7 +170,7 @@ def restore(
 @app.command("ls")
 def list_snapshots(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
     """List the snapshots in the store."""
-    s = _store(store)
+    s = open_store(store)
     entries = s.entries()
     if json_out:
         emit_json(
@@ -213,7 +213,7 @@ def inspect(
     json_out: JsonOpt = False,
 ) -> None:
     """Show a snapshot's manifest."""
-    m = _store(store).manifest(name)
+    m = open_store(store).manifest(name)
     if json_out:
         emit_json(m)
         return
@@ -249,7 +249,7 @@ def remove(
     json_out: JsonOpt = False,
 ) -> None:
     """Remove snapshots from the store."""
-    s = _store(store)
+    s = open_store(store)
     for name in names:
         s.path_of(name)
     for name in names:

@@ -14,7 +14,7 @@ import typer
 
 from warmstart import protocol
 from warmstart.cli.app import app
-from warmstart.cli.commands import JsonOpt, StoreOpt, _store
+from warmstart.cli.commands import JsonOpt, StoreOpt, open_store, parse_pairs
 from warmstart.cli.output import console, emit_json, human_bytes, progress, timing_table
 from warmstart.errors import UsageError, WarmstartError
 
@@ -87,7 +87,6 @@ def run(
 
     Example: warmstart run --checkpoint-as qwen -- warmstart serve --model ./qwen --port 8000
     """
-    from warmstart.cli.commands import _parse_env
     from warmstart.snapshot.checkpoint import CheckpointOptions, checkpoint
     from warmstart.snapshot.restore import RestoreRequest, restore
 
@@ -96,7 +95,7 @@ def run(
         raise UsageError("no worker command given", hint="put it after --, e.g. -- warmstart serve --model DIR")
     if command[0] == "warmstart":
         command = [sys.executable, "-m", "warmstart", *command[1:]]
-    s = _store(store)
+    s = open_store(store)
     s.root.mkdir(parents=True, exist_ok=True)
     control = Path(tempfile.mkdtemp(prefix=f"control-{checkpoint_as}-", dir=s.root.parent))
     logs = control / "worker.log"
@@ -135,7 +134,7 @@ def run(
     }
     restored = None
     if restore_after:
-        request = RestoreRequest(control_dir=control, env=_parse_env(env))
+        request = RestoreRequest(control_dir=control, env=parse_pairs(env))
         with progress(not json_out, f"restoring {checkpoint_as}") as on_phase:
             restored = restore(checkpoint_as, store=s, request=request, listener=on_phase)
         out |= {"pid": restored.pid, "restore": restored.timer.phases, "restore_s": restored.timer.total}
