@@ -103,6 +103,11 @@ class RestoreOptions:
     extra_args: tuple[str, ...] = ()
     #: File descriptors of ours that CRIU must inherit (for --inherit-fd).
     pass_fds: tuple[int, ...] = ()
+    #: Leave private anonymous memory to a page server (``--lazy-pages``); it
+    #: connects to ``work_dir/lazy-pages.socket``.
+    lazy_pages: bool = False
+    #: CRIU's working directory (``-W``): its sockets live there.
+    work_dir: Path | None = None
 
 
 class Criu:
@@ -187,6 +192,10 @@ class Criu:
             args.append("--leave-stopped")
         if options.root is not None:
             args += ["--root", str(options.root)]
+        if options.lazy_pages:
+            args.append("--lazy-pages")
+        if options.work_dir is not None:
+            args += ["-W", str(options.work_dir)]
         for ext in options.dump.external:
             args += ["--external", ext]
         args += list(options.extra_args)

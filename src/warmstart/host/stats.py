@@ -9,6 +9,7 @@ varint fields by hand keeps protobuf out of our dependencies.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,28 +29,35 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def decode_fields(buf: bytes) -> dict[int, int | bytes]:
-    """Decode the top level of a protobuf message (varint and length-delimited fields)."""
-    fields: dict[int, int | bytes] = {}
+def iter_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """Yield the top-level (field number, value) pairs of a protobuf message, repeats included."""
     pos = 0
     while pos < len(buf):
         key, pos = _varint(buf, pos)
         number, wire = key >> 3, key & 7
+        value: int | bytes
         if wire == 0:
-            fields[number], pos = _varint(buf, pos)
+            value, pos = _varint(buf, pos)
         elif wire == 2:
             length, pos = _varint(buf, pos)
-            fields[number] = buf[pos : pos + length]
+            if pos + length > len(buf):
+                raise ValueError("truncated field")
+            value = buf[pos : pos + length]
             pos += length
         elif wire == 5:
-            fields[number] = struct.unpack_from("<I", buf, pos)[0]
+            value = struct.unpack_from("<I", buf, pos)[0]
             pos += 4
         elif wire == 1:
-            fields[number] = struct.unpack_from("<Q", buf, pos)[0]
+            value = struct.unpack_from("<Q", buf, pos)[0]
             pos += 8
         else:
             raise ValueError(f"unsupported wire type {wire}")
-    return fields
+        yield number, value
+
+
+def decode_fields(buf: bytes) -> dict[int, int | bytes]:
+    """Decode the top level of a protobuf message (the last value of a repeated field wins)."""
+    return dict(iter_fields(buf))
 
 
 def _entry(path: Path, field: int) -> dict[int, int | bytes]:

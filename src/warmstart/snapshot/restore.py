@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,9 @@ import psutil
 from warmstart import protocol
 from warmstart.errors import UsageError
 from warmstart.host import process as proc
+from warmstart.host import uffd
 from warmstart.host.criu import Criu, DumpOptions, RestoreOptions, find_criu
+from warmstart.host.pageserver import PageServer
 from warmstart.host.stats import RestoreStats
 from warmstart.snapshot import compat, hostinfo
 from warmstart.snapshot.gpu_state import GpuRestorePlan
@@ -37,6 +40,11 @@ class RestoreRequest:
     #: Worker control directory: receives restore-context.json + restore-complete.
     control_dir: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    #: Fill memory with warmstart's parallel page server instead of CRIU's
+    #: single-threaded read (``None``: whenever this host allows userfaultfd).
+    parallel_pages: bool | None = None
+    #: Page-server threads (default: up to 16, one per core).
+    page_threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,18 @@ def _pids_in_use(manifest: Manifest) -> list[str]:
         except psutil.NoSuchProcess:
             continue
     return busy
+
+
+def _use_parallel_pages(request: RestoreRequest) -> bool:
+    if request.parallel_pages is None:
+        return uffd.available()
+    if request.parallel_pages and not uffd.available():
+        raise UsageError(
+            "parallel page restore needs userfaultfd, which this host does not allow",
+            hint="run as root with vm.unprivileged_userfaultfd or CAP_SYS_PTRACE, "
+            "or pass --no-parallel-pages",
+        )
+    return request.parallel_pages
 
 
 def _run_dir(name: str) -> Path:
@@ -87,18 +107,36 @@ def restore(
             )
     run_dir = _run_dir(name)
     log = run_dir / "restore.log"
-    options = RestoreOptions(dump=DumpOptions.from_record(manifest.criu_options), leave_stopped=True)
+    parallel = _use_parallel_pages(request)
+    options = RestoreOptions(
+        dump=DumpOptions.from_record(manifest.criu_options),
+        leave_stopped=True,
+        lazy_pages=parallel,
+        work_dir=run_dir if parallel else None,
+    )
     expected = [Expected(f.path, f.size, f.digest) for f in manifest.files]
     root_pid: int | None = None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify") as pool:
+    images = path / IMAGES_DIR
+    with ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify"))
         verifying = pool.submit(verify_files, path, expected) if request.verify else None
+        server = (
+            stack.enter_context(PageServer(images, run_dir, threads=request.page_threads))
+            if parallel
+            else None
+        )
         try:
             with timer.phase("criu-restore"):
-                root_pid = criu.restore(path / IMAGES_DIR, options, log=log)
-            stats = RestoreStats.read(path / IMAGES_DIR)
+                root_pid = criu.restore(images, options, log=log)
+            stats = RestoreStats.read(images)
             if stats:
                 timer.add("  forking", stats.forking_s)
                 timer.add("  restore", stats.restore_s, stats.pages_restored * 4096)
+            if server is not None:
+                with timer.phase("page-fill"):
+                    filled = server.fill(expected_tasks=len(manifest.tree.processes))
+                    server.close()
+                timer.set_bytes("page-fill", filled.bytes)
             if verifying is not None:
                 with timer.phase("verify-wait"):
                     verified = verifying.result()
@@ -117,7 +155,7 @@ def restore(
             if root_pid is not None:
                 proc.kill_tree(root_pid)
             raise
-    timer.set_bytes("criu-restore", manifest.total_bytes)
+    timer.set_bytes("criu-restore", manifest.total_bytes - (filled.bytes if parallel else 0))
     return RestoreResult(pid=root_pid, manifest=manifest, timer=timer, log=log)
 
 

@@ -1,0 +1,146 @@
+"""Read CRIU's ``pagemap-<pid>.img``: where each dumped page of a task lives.
+
+The image is two 32-bit magics, then length-prefixed protobuf messages: one
+``pagemap_head`` (the id of the ``pages-<id>.img`` holding the data) and one
+``pagemap_entry`` per run of pages (``vaddr``, ``nr_pages``, ``flags``).
+Entries flagged ``PE_PRESENT`` have their bytes in the pages image, back to
+back in entry order; the others (zero pages, pages in a parent image) take no
+space there. ``PE_LAZY`` marks pages CRIU may leave to a lazy-pages server.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from warmstart.errors import SnapshotCorrupt
+from warmstart.host.stats import decode_fields, iter_fields
+
+PAGE_SIZE = 4096
+PE_PARENT = 1 << 0
+PE_LAZY = 1 << 1
+PE_PRESENT = 1 << 2
+
+
+@dataclass(frozen=True)
+class PageRun:
+    """``nr_pages`` pages at ``vaddr`` in the task, ``offset`` in the pages image."""
+
+    vaddr: int
+    nr_pages: int
+    flags: int
+    offset: int
+
+    @property
+    def length(self) -> int:
+        return self.nr_pages * PAGE_SIZE
+
+    @property
+    def end(self) -> int:
+        return self.vaddr + self.length
+
+    @property
+    def lazy(self) -> bool:
+        return bool(self.flags & PE_LAZY) and bool(self.flags & PE_PRESENT)
+
+
+@dataclass(frozen=True)
+class Pagemap:
+    pid: int
+    pages: Path
+    runs: tuple[PageRun, ...]
+
+    @property
+    def lazy_runs(self) -> list[PageRun]:
+        return [r for r in self.runs if r.lazy]
+
+    @property
+    def lazy_bytes(self) -> int:
+        return sum(r.length for r in self.lazy_runs)
+
+
+def _messages(data: bytes, name: str) -> Iterator[bytes]:
+    if len(data) < 8:
+        raise SnapshotCorrupt(f"{name} is too short", hint="the snapshot is damaged; take a new one")
+    pos = 8
+    while pos < len(data):
+        if pos + 4 > len(data):
+            raise SnapshotCorrupt(f"{name} is truncated", hint="the snapshot is damaged; take a new one")
+        (length,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        if pos + length > len(data):
+            raise SnapshotCorrupt(f"{name} is truncated", hint="the snapshot is damaged; take a new one")
+        yield data[pos : pos + length]
+        pos += length
+
+
+def read_pagemap(images: Path, pid: int) -> Pagemap:
+    path = Path(images) / f"pagemap-{pid}.img"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SnapshotCorrupt(
+            f"{path.name} is missing", hint="the snapshot is damaged; take a new one"
+        ) from None
+    try:
+        messages = _messages(data, path.name)
+        head = decode_fields(next(messages))
+        pages_id = head.get(1)
+        if not isinstance(pages_id, int):
+            raise ValueError("no pages_id")
+        runs: list[PageRun] = []
+        offset = 0
+        for raw in messages:
+            f = decode_fields(raw)
+            vaddr, nr, flags = f.get(1), f.get(2), f.get(4, 0)
+            if not (isinstance(vaddr, int) and isinstance(nr, int) and isinstance(flags, int)):
+                raise ValueError("bad pagemap entry")
+            if f.get(3):  # in_parent (old images)
+                flags |= PE_PARENT
+            runs.append(PageRun(vaddr, nr, flags, offset))
+            if flags & PE_PRESENT:
+                offset += nr * PAGE_SIZE
+    except (ValueError, StopIteration, struct.error) as exc:
+        raise SnapshotCorrupt(
+            f"{path.name} cannot be parsed ({exc})", hint="the snapshot is damaged; take a new one"
+        ) from None
+    return Pagemap(pid=pid, pages=Path(images) / f"pages-{pages_id}.img", runs=tuple(runs))
+
+
+def read_vmas(images: Path, pid: int) -> list[tuple[int, int]]:
+    """The (start, end) of every mapping of a task, from ``mm-<pid>.img``, sorted."""
+    path = Path(images) / f"mm-{pid}.img"
+    try:
+        mm = next(_messages(path.read_bytes(), path.name))
+        vmas = []
+        for number, value in iter_fields(mm):
+            if number == 14 and isinstance(value, bytes):
+                f = decode_fields(value)
+                start, end = f.get(1), f.get(2)
+                if isinstance(start, int) and isinstance(end, int):
+                    vmas.append((start, end))
+    except (OSError, ValueError, StopIteration, struct.error) as exc:
+        raise SnapshotCorrupt(
+            f"{path.name} cannot be read ({exc})", hint="the snapshot is damaged; take a new one"
+        ) from None
+    return sorted(vmas)
+
+
+def split_at_vmas(runs: list[PageRun], vmas: list[tuple[int, int]]) -> list[PageRun]:
+    """Cut runs where mappings end: one UFFDIO_COPY may not cross a mapping."""
+    out: list[PageRun] = []
+    bounds = sorted({b for vma in vmas for b in vma})
+    for run in runs:
+        start = run.vaddr
+        i = bisect.bisect_right(bounds, start)
+        while start < run.end:
+            end = min(run.end, bounds[i]) if i < len(bounds) else run.end
+            out.append(
+                PageRun(start, (end - start) // PAGE_SIZE, run.flags, run.offset + start - run.vaddr)
+            )
+            start = end
+            i += 1
+    return out
