@@ -121,6 +121,7 @@ class GmsWeights:
         *,
         layout: Layout | None = None,
         device: int | None = None,
+        kind: str | None = None,
         writable: bool = False,
         mode: str = "read",
         backend: ClientBackend | None = None,
@@ -135,6 +136,8 @@ class GmsWeights:
             layout = read_layout(self.model_dir)
         self.layout = layout
         self.device = device
+        #: the memory kind this worker can use ("cuda" or "memfd"); None: whatever the service has
+        self.kind = kind
         self.writable = writable or mode == "write"
         self.mode = mode
         self.backend = backend
@@ -193,6 +196,12 @@ class GmsWeights:
                 raise WeightsMismatch(
                     f"the service's weights have layout hash {reply.layout_hash}, this worker expects {expect}",
                     hint="the weight files changed since the snapshot; restore with the original files",
+                )
+            if self.kind is not None and reply.backend != self.kind:
+                raise UsageError(
+                    f"the service at {self.socket_path} serves {reply.backend} memory, "
+                    f"this worker needs {self.kind}",
+                    hint="a GPU worker needs `warmstart gms serve --gpu N`, a CPU one `--memfd`",
                 )
             if self.backend is None:
                 self.backend = default_backend(reply, self.device)

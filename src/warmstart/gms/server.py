@@ -46,7 +46,8 @@ log = logging.getLogger("warmstart.gms")
 DEFAULT_SOCKET_DIR = "/run/warmstart"
 
 
-def default_socket(gpu: int) -> str:
+def default_socket(gpu: int | str) -> str:
+    """``$WARMSTART_GMS_SOCKET``, else ``/run/warmstart/gms-<gpu>.sock`` (``gms-cpu.sock`` for memfd)."""
     return os.environ.get("WARMSTART_GMS_SOCKET") or f"{DEFAULT_SOCKET_DIR}/gms-{gpu}.sock"
 
 
