@@ -285,15 +285,26 @@ def test_expected_layout_hash_guards_reattach(server: GmsServer, model_dir: Path
     with pytest.raises(WeightsMismatch, match="expects sha256:0"):
         GmsWeights(server.socket_path, model_dir).attach(expect_hash="sha256:0")
 
-    # same names, shapes and sizes, other bytes: a new entry, refused by its hash
+    # same names, shapes and sizes, other bytes on disk
     name = w.layout.files[1].name
     safetensors_torch.save_file({"d.weight": torch.full((5, 5), 2.0)}, str(model_dir / name))
-    with pytest.raises(WeightsMismatch, match="expects"):
+    fresh = GmsWeights(server.socket_path, model_dir)  # a new worker gets the new bytes
+    fresh.attach()
+    fresh.wait()
+    assert fresh.layout_hash != good and torch.equal(fresh.tensors["d.weight"], torch.full((5, 5), 2.0))
+    fresh.close()
+    w.attach()  # the old worker re-attaches to the bytes it had: still resident
+    w.wait()
+    assert torch.equal(w.tensors["d.weight"], torch.ones(5, 5))
+    w.detach()
+    wait_for(lambda: all(e.readers == 0 for e in status(server.socket_path).entries), what="detached")
+    assert len(evict(server.socket_path)) == 2
+    with pytest.raises(WeightsMismatch, match="expects"):  # gone: loading the new bytes is refused
         w.attach()
         w.wait()
     assert not w.attached and w.layout_hash == good
     hashes = {e.layout_hash for e in status(server.socket_path).entries}
-    assert good in hashes and len(hashes) == 2
+    assert good not in hashes and len(hashes) == 1
     w.close()
 
 
@@ -408,3 +419,57 @@ def test_silent_or_vanishing_service_is_an_error_not_a_hang(tmp_path: Path, mode
         w2.wait(timeout=10)
     w2.close()
     listener.close()
+
+
+# ----------------------------------------------------------------------------- restore preflight
+
+
+def _labels(w: GmsWeights, sock: str, model_dir: Path) -> dict[str, str]:
+    import json
+
+    return {"gms.layout_hash": w.layout_hash or "", "gms.socket": sock, "model_dir": str(model_dir),
+            "gms.files": json.dumps(w.expected_files())}  # fmt: skip
+
+
+def test_restore_preflight_refuses_or_prefetches(tmp_path: Path, model_dir: Path) -> None:
+    from warmstart.gms.preflight import prepare_restore
+
+    assert prepare_restore({"model": "x"}) is None  # weights inside the snapshot
+    srv = GmsServer(tmp_path / "a.sock", MemfdServer(granularity=64 << 10), lanes=2)
+    srv.start()
+    w = GmsWeights(srv.socket_path, model_dir)
+    w.attach()
+    w.wait()
+    labels = _labels(w, srv.socket_path, model_dir)
+    w.close()
+    assert prepare_restore(labels).state == "resident"  # type: ignore[union-attr]
+    srv.close()
+
+    with pytest.raises(GmsUnavailable):
+        prepare_restore(labels)  # no service on this node
+    srv = GmsServer(tmp_path / "a.sock", MemfdServer(granularity=64 << 10), lanes=2)
+    srv.start()
+    try:
+        pre = prepare_restore(labels)  # a fresh service: streaming starts before the restore
+        assert pre is not None and pre.state == "streaming"
+        pre.wait(20)
+        (entry,) = status(srv.socket_path).entries
+        assert entry.state == "ready" and entry.layout_hash == labels["gms.layout_hash"]
+
+        name = w.layout.files[1].name
+        safetensors_torch.save_file({"d.weight": torch.full((5, 5), 3.0)}, str(model_dir / name))
+        assert prepare_restore(labels).state == "resident"  # type: ignore[union-attr]  # the service still holds them
+        w.attach()  # and the worker gets them, though the file changed since
+        w.wait()
+        assert torch.equal(w.tensors["d.weight"], torch.ones(5, 5))
+        w.close()
+        wait_for(lambda: evict(srv.socket_path), what="eviction")
+        pre = prepare_restore(labels)  # same sizes, other bytes: known once they are read
+        assert pre is not None and pre.state == "streaming"
+        with pytest.raises(WeightsMismatch, match="expects"):
+            pre.wait(20)
+        (model_dir / name).write_bytes(b"short")
+        with pytest.raises(WeightsMismatch, match="cannot provide the weights"):
+            prepare_restore(labels)
+    finally:
+        srv.close()
