@@ -473,3 +473,36 @@ def test_restore_preflight_refuses_or_prefetches(tmp_path: Path, model_dir: Path
             prepare_restore(labels)
     finally:
         srv.close()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "warmstart", *args], env={**os.environ, "PYTHONPATH": SRC},
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_gms_cli_status_evict_and_errors(server: GmsServer, model_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    w = GmsWeights(server.socket_path, model_dir)
+    w.attach()
+    w.wait()
+    out = _cli("gms", "status", "--socket", server.socket_path, "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["backend"] == "memfd" and data["entries"][0]["readers"] == 1
+    assert data["entries"][0]["layout_hash"] == w.layout_hash
+    w.close()
+    wait_for(lambda: status(server.socket_path).entries[0].readers == 0, what="detached")
+    out = _cli("gms", "evict", "--socket", server.socket_path, "--json")
+    assert json.loads(out.stdout) == {"evicted": [data["entries"][0]["entry_id"]]}
+
+    for args, message in [
+        (("gms", "status", "--socket", str(tmp_path / "none.sock")), "no GPU memory service socket"),
+        (("gms", "serve"), "exactly one of --gpu N and --memfd"),
+        (("gms", "serve", "--memfd", "--socket", server.socket_path), "already listens"),
+    ]:
+        out = _cli(*args)
+        assert out.returncode != 0 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr

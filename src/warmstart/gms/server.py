@@ -341,8 +341,9 @@ class GmsServer:
 
     def _attach(self, cid: int, conn: socket.socket, msg: P.Attach) -> None:
         if msg.version != P.PROTOCOL_VERSION:
-            raise_refuse = _Refuse("bad-request", f"protocol version {msg.version}; service speaks {P.PROTOCOL_VERSION}")
-            P.send(conn, raise_refuse.error())
+            P.send(conn, P.Error(kind="bad-request",
+                                 message=f"protocol version {msg.version}; the service speaks {P.PROTOCOL_VERSION}",
+                                 hint="run the same warmstart version on both sides"))  # fmt: skip
             return
         try:
             entry = self._resident(msg)  # identical bytes already here: whatever the files say now
@@ -350,7 +351,8 @@ class GmsServer:
             with self._lock:
                 entry = self._entries.get(key)
                 if entry is not None and entry.state == "failed":
-                    del self._entries[key]
+                    del self._entries[key]  # a failed fill: start over (readers keep their imports)
+                    self._release(entry)
                     entry = None
                 if entry is not None and msg.mode == "write":
                     if entry.writer is not None:
@@ -384,8 +386,11 @@ class GmsServer:
                     state="ready" if entry.state == "ready" else "filling",
                     layout_hash=entry.layout_hash, digests=entry.digests,
                 )  # fmt: skip
-                fds = list(entry.fds)
+                fds = [os.dup(fd) for fd in entry.fds]  # ours to send even if the entry goes meanwhile
+            try:
                 P.send(conn, reply, fds)
+            finally:
+                P.close_fds(fds)
         except _Refuse as r:
             P.send(conn, r.error())
             return
