@@ -21,11 +21,13 @@ while they are copied to the GPU).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import xxhash
 from pydantic import BaseModel, ConfigDict
@@ -144,7 +146,36 @@ def read_layout(model_dir: str | os.PathLike[str]) -> Layout:
     return Layout(files=tuple(read_header(p) for p in files))
 
 
+class _XXH128(ctypes.Structure):
+    _fields_ = [("low64", ctypes.c_uint64), ("high64", ctypes.c_uint64)]
+
+
+_xxh3_fn: Any = None
+
+
+def _xxh3_128bits() -> Any:
+    """``XXH3_128bits`` from the xxhash extension, called through ctypes so that the
+    loader's lanes hash in parallel (the Python binding holds the GIL); False if absent."""
+    global _xxh3_fn
+    if _xxh3_fn is None:
+        try:
+            import xxhash._xxhash as ext
+
+            fn = ctypes.CDLL(ext.__file__).XXH3_128bits
+            fn.restype = _XXH128
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            _xxh3_fn = fn
+        except (ImportError, OSError, AttributeError):
+            _xxh3_fn = False
+    return _xxh3_fn
+
+
 def chunk_digest(data: bytes | memoryview) -> bytes:
+    """xxh3-128 of one chunk, canonical (big-endian) bytes."""
+    fn = _xxh3_128bits()
+    if fn and isinstance(data, memoryview) and not data.readonly and data.c_contiguous and data.nbytes:
+        h = fn(ctypes.addressof(ctypes.c_char.from_buffer(data)), data.nbytes)
+        return h.high64.to_bytes(8, "big") + h.low64.to_bytes(8, "big")
     return xxhash.xxh3_128_digest(data)
 
 
