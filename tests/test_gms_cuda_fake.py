@@ -44,11 +44,18 @@ def test_server_creates_exportable_memory_and_fills_through_a_temporary_mapping(
     assert lib.mappings == {} and lib.reservations == {}  # the service keeps no mapping
     assert bytes(lib.memory[handle][: len(data)]) == data
     assert result.digests["w.bin"] == digest_file(f, 6)
-    assert lib.host_buffers == {} and lib.streams == set()  # pinned buffers and streams freed
+    assert len(lib.streams) == 2 and len(lib.host_buffers) == 4  # two lanes, pooled for the next fill
     assert srv.read_back(handle, 2 * GRAN, 1000, 16) == data[1000:1016]
+
+    calls = len(lib.calls)
+    target = srv.open_fill(handle, 2 * GRAN)
+    fill(srv, [FillFile("w.bin", str(f), 6, len(data), target)], lanes=2)
+    srv.close_fill(target, 2 * GRAN)
+    assert not any(c == "cuMemHostAlloc" for c, _ in lib.calls[calls:])  # lanes reused
     srv.release(handle)
     srv.close()
     assert lib.allocations == {} and lib.ctx_refs == 0
+    assert lib.host_buffers == {} and lib.streams == set()  # pinned buffers and streams freed
 
 
 def test_export_fails_without_the_fd_handle_type() -> None:
@@ -113,6 +120,8 @@ def test_copy_failure_surfaces_as_a_load_error(tmp_path: Path) -> None:
     with pytest.raises(GpuError, match="cuMemcpyHtoDAsync_v2"):
         fill(srv, [FillFile("w.bin", str(f), 0, 1000, target)], lanes=1)
     srv.close_fill(target, GRAN)
+    srv.release(handle)
+    srv.close()
     assert lib.host_buffers == {} and lib.streams == set()
 
 
@@ -158,3 +167,21 @@ def test_service_evicts_idle_entries_when_memory_runs_out(tmp_path: Path) -> Non
     finally:
         srv.close()
     assert lib.allocations == {}
+
+
+def test_failed_pinned_allocation_leaks_no_lane(tmp_path: Path) -> None:
+    lib, drv = make()
+    srv = CudaServer(0, drv)
+    handle = srv.create(GRAN)
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"y" * 5000)
+    target = srv.open_fill(handle, GRAN)
+    lib.fail("cuMemHostAlloc", code=OUT_OF_MEMORY)
+    with pytest.raises(GpuError, match="cuMemHostAlloc"):
+        fill(srv, [FillFile("w.bin", str(f), 0, 5000, target)], lanes=1)
+    assert lib.streams == set() and lib.host_buffers == {}  # the half-built lane was freed, not pooled
+    result = fill(srv, [FillFile("w.bin", str(f), 0, 5000, target)], lanes=1)  # and the next fill works
+    srv.close_fill(target, GRAN)
+    assert result.digests["w.bin"] == digest_file(f) and bytes(lib.memory[handle][:5000]) == b"y" * 5000
+    srv.release(handle)
+    srv.close()

@@ -98,10 +98,15 @@ class _Device:
 class CudaServer(ServerBackend):
     kind = "cuda"
 
+    #: idle lanes kept for the next fill (pinned buffers take a while to allocate)
+    MAX_POOLED_LANES = 16
+
     def __init__(self, device: int = 0, driver: CudaDriver | None = None) -> None:
         self._d = _Device(device, driver)
         self.device = device
         self.granularity = self._d.granularity
+        self._pool: list[_CudaLane] = []
+        self._pool_lock = threading.Lock()
 
     @property
     def driver(self) -> CudaDriver:
@@ -146,7 +151,20 @@ class CudaServer(ServerBackend):
             self._d.free(target, size)
 
     def lane(self, chunk: int) -> Lane:
-        return _CudaLane(self._d, chunk)
+        with self._pool_lock:
+            for i, lane in enumerate(self._pool):
+                if lane.chunk == chunk:
+                    del self._pool[i]
+                    self._d.current()  # this thread's driver calls need the context too
+                    return lane
+        return _CudaLane(self._d, chunk, self._give_back)
+
+    def _give_back(self, lane: _CudaLane) -> bool:
+        with self._pool_lock:
+            if len(self._pool) < self.MAX_POOLED_LANES and not self._d._closed:
+                self._pool.append(lane)
+                return True
+        return False
 
     def memory_info(self) -> tuple[int, int]:
         """(free, total) bytes of device memory."""
@@ -166,12 +184,18 @@ class CudaServer(ServerBackend):
             self.close_fill(address, size)
 
     def close(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, []
+        for lane in pool:
+            lane.destroy()
         self._d.close()
 
 
 class _CudaLane(Lane):
-    def __init__(self, d: _Device, chunk: int) -> None:
+    def __init__(self, d: _Device, chunk: int, give_back: Any = None) -> None:
         self._d = d
+        self.chunk = chunk
+        self._give_back = give_back
         d.current()
         self._ptrs: list[int] = []
         self.buffers = []
@@ -186,7 +210,7 @@ class _CudaLane(Lane):
                 arr = (ctypes.c_char * chunk).from_address(int(p.value or 0))
                 self.buffers.append(memoryview(arr).cast("B"))
         except BaseException:
-            self.close()
+            self.destroy()
             raise
 
     def submit(self, index: int, nbytes: int, target: int, offset: int) -> None:
@@ -197,9 +221,16 @@ class _CudaLane(Lane):
         self._d.drv.call("cuStreamSynchronize", self._stream)
 
     def close(self) -> None:
+        """Back to the backend's pool once its copies are done (or freed)."""
         self._d.current()
         if self._stream.value:
             self._d.drv.call("cuStreamSynchronize", self._stream)
+        if self._give_back is not None and self._stream.value and self._give_back(self):
+            return
+        self.destroy()
+
+    def destroy(self) -> None:
+        self._d.current()
         for v in self.buffers:
             v.release()
         self.buffers = []

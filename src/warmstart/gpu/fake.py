@@ -398,6 +398,8 @@ class FakeCudaLib:
         return None
 
     def cuMemHostAlloc(self, out: Any, size: int, flags: int) -> int:
+        if rc := self._fault("cuMemHostAlloc", None):
+            return rc
         buf = ctypes.create_string_buffer(size)
         self.host_buffers[ctypes.addressof(buf)] = buf
         out[0] = ctypes.addressof(buf)
