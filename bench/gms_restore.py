@@ -204,6 +204,8 @@ def snapshot_and_restores(model: Path, work: Path, name: str, kv: float, gms: Pa
     out["gpu_state_bytes"] = sum(g.device_memory_bytes for g in taken.manifest.gpus)
     for label in restores:
         on_restore(label)
+        for stale in (protocol.RESTORE_COMPLETE, protocol.RESTORE_CONTEXT):  # of the previous restore
+            (cdir / stale).unlink(missing_ok=True)
         port = free_port()
         t2 = time.perf_counter()
         r = restore(name, store=store, request=RestoreRequest(control_dir=cdir, env={"WARMSTART_PORT": str(port)}))
