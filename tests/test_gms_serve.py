@@ -163,3 +163,24 @@ def _listening(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.mark.criu
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.skipif(_criu_usable() is not None, reason=str(_criu_usable()))
+def test_restore_bench_runs_on_cpu(tmp_path):
+    """bench/gms_restore.py end to end with the memfd service and the tiny model (the GPU
+    run differs only in device and size)."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "gms_restore.py"
+    out = tmp_path / "res.json"
+    proc = subprocess.run(
+        [sys.executable, str(bench), "--device", "cpu", "--config", "tiny", "--kv-gib", "0.01",
+         "--work", str(tmp_path / "w"), "--out", str(out)],
+        env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True, timeout=540,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(out.read_text())["summary"]
+    for key in ("gms_resident_first_token_s", "gms_streamed_first_token_s", "naive_first_token_s",
+                "cold_first_token_s", "snapshot_gb_gms", "snapshot_gb_inprocess", "stream_gb_s"):
+        assert s[key] > 0, key
