@@ -235,6 +235,10 @@ class Engine:
                 model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, attn_implementation="sdpa")
             model.load_state_dict(weights.tensors, strict=False, assign=True)
             model.tie_weights()
+            if (path / "generation_config.json").is_file():  # from_pretrained reads it too (EOS ids)
+                from transformers import GenerationConfig
+
+                model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
             missing = [n for n, p in model.named_parameters() if p.is_meta]
             if missing:
                 raise ModelDirError(f"the weights in {path} lack {', '.join(missing[:3])}")
