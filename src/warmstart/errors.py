@@ -83,3 +83,11 @@ class Cancelled(WarmstartError):
     """The operation was cancelled; nothing it started is left behind."""
 
     exit_code = 130
+
+
+class GmsUnavailable(EnvironmentProblem):
+    """The node's GPU memory service cannot be reached (not running, wrong socket, timed out)."""
+
+
+class WeightsMismatch(Incompatible):
+    """The GPU memory service holds (or would load) weights other than the ones expected."""

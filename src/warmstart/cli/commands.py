@@ -143,6 +143,9 @@ def restore(
     request = RestoreRequest(
         gpu_map=tuple(gpu_map), verify=not no_verify, control_dir=control, env=parse_pairs(env)
     )
+    from warmstart.gms.preflight import prepare_restore
+
+    prefetch = prepare_restore(manifest.labels)  # weights in the memory service: refuse or start streaming
     with progress(not json_out, f"restoring {name}") as on_phase:
         result = do_restore(name, store=s, request=request, listener=on_phase)
     if json_out:
@@ -153,11 +156,14 @@ def restore(
                 "timings": result.timer.phases,
                 "total_seconds": result.timer.total,
                 "log": str(result.log),
+                "gms_weights": prefetch.state if prefetch else None,
             }
         )
     else:
         console.print(timing_table(f"restore {name}", result.timer.phases, result.timer.total))
         console.print(f"restored [bold]{name}[/] as PID {result.pid}")
+        if prefetch is not None:
+            console.print(f"weights from the memory service: {prefetch.state}")
     if not detach:
         import psutil
 

@@ -84,12 +84,29 @@ def _gpu() -> list[Check]:
     return checks
 
 
+def _gds() -> Check:
+    """GPUDirect Storage (kvikio/cuFile), for the GPU memory service's weight loading."""
+    try:
+        import kvikio  # type: ignore[import-not-found]
+    except ImportError:
+        return Check("gpudirect storage", None,
+                     "kvikio not installed; the memory service streams weights through pinned host buffers")  # fmt: skip
+    try:
+        mode = kvikio.defaults.compat_mode()
+    except Exception as exc:  # noqa: BLE001 - any kvikio failure is just reported
+        mode = f"unknown ({exc})"
+    return Check("gpudirect storage", None,
+                 f"kvikio {getattr(kvikio, '__version__', '?')}, compat mode {mode}; "
+                 "the memory service does not use it yet (pinned host buffers)")  # fmt: skip
+
+
 def collect() -> list[Check]:
     return [
         Check("kernel", None, f"{platform.release()} ({platform.machine()})"),
         _privileges(),
         *_criu(),
         *_gpu(),
+        _gds(),
     ]
 
 

@@ -134,7 +134,10 @@ def run(
     }
     restored = None
     if restore_after:
+        from warmstart.gms.preflight import prepare_restore
+
         request = RestoreRequest(control_dir=control, env=parse_pairs(env))
+        prepare_restore(taken.manifest.labels)  # weights in the memory service: refuse or start streaming
         with progress(not json_out, f"restoring {checkpoint_as}") as on_phase:
             restored = restore(checkpoint_as, store=s, request=request, listener=on_phase)
         out |= {"pid": restored.pid, "restore": restored.timer.phases, "restore_s": restored.timer.total}

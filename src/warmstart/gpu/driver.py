@@ -176,6 +176,18 @@ SIGNATURES: dict[str, list[Any]] = {
         ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_uint64
     ],
     "cuMemsetD8_v2": [ctypes.c_uint64, ctypes.c_ubyte, ctypes.c_size_t],
+    # sharing VMM memory between processes and filling it (used by warmstart.gms)
+    # cuMemImportFromShareableHandle(CUmemGenericAllocationHandle*, void* osHandle, type):
+    # for POSIX_FILE_DESCRIPTOR, osHandle is the fd's value cast to a pointer.
+    "cuMemImportFromShareableHandle": [_P(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_int],
+    "cuMemHostAlloc": [_P(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint],
+    "cuMemFreeHost": [ctypes.c_void_p],
+    "cuMemcpyHtoDAsync_v2": [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p],
+    "cuMemcpyDtoH_v2": [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t],
+    "cuMemGetInfo_v2": [_P(ctypes.c_size_t), _P(ctypes.c_size_t)],
+    "cuStreamCreate": [_P(ctypes.c_void_p), ctypes.c_uint],
+    "cuStreamSynchronize": [ctypes.c_void_p],
+    "cuStreamDestroy_v2": [ctypes.c_void_p],
 }
 
 #: The minimum for the checkpoint API, as cuDriverGetVersion reports it.

@@ -103,6 +103,10 @@ class FakeCudaLib:
         self.ctx_refs = 0
         self.current_ctx: int | None = None
         self.memory: dict[int, bytearray] = {}  # handle -> contents
+        self.handle_types: dict[int, int] = {}  # handle -> requestedHandleTypes at cuMemCreate
+        self.imported: dict[int, int] = {}  # imported handle -> exported one
+        self.host_buffers: dict[int, Any] = {}
+        self.streams: set[int] = set()
 
     # -- fault injection
 
@@ -319,6 +323,7 @@ class FakeCudaLib:
         handle = next(self._next_handle)
         self.allocations[handle] = size
         self.memory[handle] = bytearray(size if size <= 1 << 24 else 0)
+        self.handle_types[handle] = p.requestedHandleTypes
         out[0] = handle
         return SUCCESS
 
@@ -333,6 +338,8 @@ class FakeCudaLib:
         if rc := self._fault("cuMemMap", None):
             return rc
         if self.reservations.get(addr) != size or addr in self.mappings:
+            return INVALID_VALUE
+        if handle not in self.allocations or offset or self.allocations[handle] < size:
             return INVALID_VALUE
         self.mappings[addr] = handle
         return SUCCESS
@@ -363,7 +370,82 @@ class FakeCudaLib:
     def cuMemExportToShareableHandle(self, out: Any, handle: int, kind: int, flags: int) -> int:
         if handle not in self.allocations:
             return INVALID_VALUE
+        if kind != 1 or self.handle_types.get(handle) != 1 or flags:
+            return INVALID_VALUE  # export needs requestedHandleTypes = POSIX_FILE_DESCRIPTOR
         ctypes.cast(out, ctypes.POINTER(ctypes.c_int))[0] = 100 + handle
+        return SUCCESS
+
+    # -- sharing and copies (warmstart.gms)
+
+    def cuMemImportFromShareableHandle(self, out: Any, os_handle: Any, kind: int) -> int:
+        fd = os_handle.value if isinstance(os_handle, ctypes.c_void_p) else os_handle
+        source = (fd or 0) - 100
+        if kind != 1 or source not in self.allocations:
+            return INVALID_VALUE
+        handle = next(self._next_handle)
+        self.allocations[handle] = self.allocations[source]
+        self.memory[handle] = self.memory[source]  # the same physical memory
+        self.imported[handle] = source
+        out[0] = handle
+        return SUCCESS
+
+    def _resolve(self, addr: int, count: int) -> tuple[bytearray, int, int] | None:
+        """(contents, offset, mapping base) of a mapped device range."""
+        for base, handle in self.mappings.items():
+            size = self.allocations.get(handle, 0)
+            if base <= addr and addr + count <= base + size:
+                return self.memory[handle], addr - base, base
+        return None
+
+    def cuMemHostAlloc(self, out: Any, size: int, flags: int) -> int:
+        if rc := self._fault("cuMemHostAlloc", None):
+            return rc
+        buf = ctypes.create_string_buffer(size)
+        self.host_buffers[ctypes.addressof(buf)] = buf
+        out[0] = ctypes.addressof(buf)
+        return SUCCESS
+
+    def cuMemFreeHost(self, ptr: int) -> int:
+        return SUCCESS if self.host_buffers.pop(ptr, None) is not None else INVALID_VALUE
+
+    def cuStreamCreate(self, out: Any, flags: int) -> int:
+        handle = 0x5000 + len(self.streams) + 1
+        self.streams.add(handle)
+        out[0] = handle
+        return SUCCESS
+
+    def cuStreamSynchronize(self, stream: Any) -> int:
+        s = stream.value if isinstance(stream, ctypes.c_void_p) else stream
+        return SUCCESS if s in self.streams else INVALID_VALUE
+
+    def cuStreamDestroy_v2(self, stream: Any) -> int:
+        s = stream.value if isinstance(stream, ctypes.c_void_p) else stream
+        if s not in self.streams:
+            return INVALID_VALUE
+        self.streams.discard(s)
+        return SUCCESS
+
+    def cuMemcpyHtoDAsync_v2(self, dst: int, src: int, count: int, stream: Any) -> int:
+        if rc := self._fault("cuMemcpyHtoDAsync_v2", None):
+            return rc
+        where = self._resolve(dst, count)
+        if where is None or self.access.get(where[2]) != 3:
+            return INVALID_VALUE  # unmapped, or mapped without write access
+        mem, off, _ = where
+        mem[off : off + count] = ctypes.string_at(src, count)
+        return SUCCESS
+
+    def cuMemcpyDtoH_v2(self, dst: Any, src: int, count: int) -> int:
+        where = self._resolve(src, count)
+        if where is None or self.access.get(where[2]) not in (1, 3):
+            return INVALID_VALUE
+        mem, off, _ = where
+        ctypes.memmove(dst, bytes(mem[off : off + count]), count)
+        return SUCCESS
+
+    def cuMemGetInfo_v2(self, free: Any, total: Any) -> int:
+        total[0] = self.gpus[0].total_memory_bytes if self.gpus else 0
+        free[0] = total[0] - sum(self.allocations.values())
         return SUCCESS
 
 

@@ -25,6 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--register-dir", default=None, help="FileRegistrar directory")
     p.add_argument("--checkpoint-timeout", type=float, default=None)
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--weights-from-gms", nargs="?", const="auto", default=None, metavar="SOCKET",
+        help="map the weights from the node's GPU memory service (default socket: "
+        "/run/warmstart/gms-<gpu>.sock, gms-cpu.sock on CPU) instead of loading them",
+    )
     return p
 
 
@@ -51,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             register_dir=args.register_dir,
             checkpoint_timeout=args.checkpoint_timeout,
             log_level=args.log_level,
+            weights_from_gms=args.weights_from_gms,
         )
     except WarmstartError as exc:
         print(f"error: {exc}", file=sys.stderr)

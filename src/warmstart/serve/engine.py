@@ -18,17 +18,18 @@ the same tokens, before and after a checkpoint/restore.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from warmstart.errors import NotFoundError, UsageError
+from warmstart.errors import NotFoundError, UsageError, WarmstartError
 from warmstart.serve.kvcache import KVStore, RegionCache, allocate_region
 
 log = logging.getLogger("warmstart.serve.engine")
@@ -58,6 +59,9 @@ class EngineConfig:
     cuda_graphs: bool = True
     batch_wait_s: float = 0.005
     served_name: str | None = None
+    #: socket of the node's GPU memory service: map the weights from it instead of loading them
+    #: ("auto": the default socket of the engine's device, see `warmstart.gms.server.default_socket`)
+    weights_from_gms: str | None = None
 
 
 @dataclass
@@ -146,6 +150,8 @@ class Engine:
         self.model_dir = path
         self.model_name = config.served_name or path.name
         t0 = time.perf_counter()
+        #: weights mapped from the GPU memory service (None: loaded in-process)
+        self.weights: Any = None
         self.tokenizer, self.model = self._load(path)
         #: Seconds spent in each start-up step (reported by /ready and bench/coldstart.py).
         self.startup: dict[str, float] = {"weights_load_s": time.perf_counter() - t0}
@@ -180,9 +186,9 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
             raise ModelDirError(f"cannot load the tokenizer from {path}: {_first_line(exc)}") from None
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=self.dtype, local_files_only=True, attn_implementation="sdpa"
-            )
+            model = self._load_model(path)
+        except WarmstartError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise ModelDirError(
                 f"cannot load a causal LM from {path}: {_first_line(exc)}",
@@ -191,6 +197,58 @@ class Engine:
         model.to(self.device).eval()
         model.requires_grad_(False)
         return tokenizer, model
+
+    def _load_model(self, path: Path) -> Any:
+        if self.config.weights_from_gms:
+            return self._map_from_gms(path)
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=self.dtype, local_files_only=True, attn_implementation="sdpa"
+        )
+
+    def _map_from_gms(self, path: Path) -> Any:
+        """Build the model with its parameters aliasing weights mapped from the service."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from warmstart.gms.client import GmsWeights
+        from warmstart.gms.server import default_socket
+
+        sock = self.config.weights_from_gms or "auto"
+        if sock == "auto":
+            sock = default_socket(self.device.index or 0 if self.device.type == "cuda" else "cpu")
+        weights = GmsWeights(
+            sock, path, device=self.device.index if self.device.type == "cuda" else None,
+            kind="cuda" if self.device.type == "cuda" else "memfd",
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        weights.attach()
+        try:
+            weights.wait()
+            floats = {t.dtype for t in weights.tensors.values() if t.is_floating_point()}
+            if len(floats) != 1:
+                raise ModelDirError(f"{path} mixes floating dtypes {sorted(map(str, floats))}; "
+                                    "weights from the memory service are used as stored")  # fmt: skip
+            self.dtype = floats.pop()
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+            with _parameters_on_meta():
+                model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, attn_implementation="sdpa")
+            model.load_state_dict(weights.tensors, strict=False, assign=True)
+            model.tie_weights()
+            if (path / "generation_config.json").is_file():  # from_pretrained reads it too (EOS ids)
+                from transformers import GenerationConfig
+
+                model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+            missing = [n for n, p in model.named_parameters() if p.is_meta]
+            if missing:
+                raise ModelDirError(f"the weights in {path} lack {', '.join(missing[:3])}")
+        except BaseException:
+            weights.close()
+            raise
+        self.weights = weights
+        log.info("weights mapped from the memory service at %s in %.2f s (%s)", sock,
+                 time.perf_counter() - t0, weights.layout_hash)  # fmt: skip
+        return model
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -539,10 +597,16 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.store.release()
+        if self.weights is not None:
+            self.weights.detach()  # unmapped and released: the snapshot holds no weights
         log.info("KV cache released (%.3f GiB, VA %#x kept)", self.store.nbytes / GIB, self.store.address)
 
     def reacquire_kv(self) -> None:
+        if self.weights is not None:
+            self.weights.attach()  # the service streams in whatever it lacks meanwhile
         self.store.reacquire()
+        if self.weights is not None:
+            self.weights.wait()  # refuses weights of another layout hash
         if self.store.address != self.cache.store.tensor.data_ptr():  # pragma: no cover - defensive
             raise RuntimeError("KV cache came back at a different address")
         with self._cond:
@@ -560,6 +624,28 @@ class Engine:
             self._emit(req, None, "error")
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self.weights is not None:
+            self.weights.close()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create modules' parameters on the meta device (buffers stay real), so a model can
+    be built without memory for weights that are assigned afterwards."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            p = module._parameters[name]
+            assert p is not None
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def _first_line(exc: BaseException) -> str:

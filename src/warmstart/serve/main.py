@@ -47,6 +47,21 @@ def _seconds_since_process_start() -> float:
     return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _gms_labels(engine: object) -> dict[str, str]:
+    """What a snapshot of a worker with weights in the memory service expects from it."""
+    weights = getattr(engine, "weights", None)
+    if weights is None:
+        return {}
+    import json
+
+    return {
+        "gms.socket": weights.socket_path,
+        "gms.layout_hash": weights.layout_hash or "",
+        "gms.weights_bytes": str(weights.nbytes),
+        "gms.files": json.dumps(weights.expected_files(), separators=(",", ":")),
+    }
+
+
 def serve(
     model_dir: str | os.PathLike[str],
     host: str = "127.0.0.1",
@@ -65,6 +80,7 @@ def serve(
     checkpoint_timeout: float | None = None,
     continue_after_snapshot: bool | None = None,
     log_level: str = "info",
+    weights_from_gms: str | None = None,
 ) -> ServeResult:
     """Run the worker until the server stops (SIGINT/SIGTERM). Raises WarmstartError on bad input."""
     if not 0 <= port <= 65535:
@@ -90,6 +106,7 @@ def serve(
             max_num_seqs=max_num_seqs,
             cuda_graphs=cuda_graphs,
             served_name=served_name,
+            weights_from_gms=weights_from_gms,
         )
     )
     try:
@@ -110,6 +127,7 @@ def serve(
                 "kv_cache_bytes": str(engine.store.nbytes),
                 "kv_cache_address": hex(engine.store.address),
                 "cuda_graphs": engine.graph_status,
+                **_gms_labels(engine),
             },
         )
 
