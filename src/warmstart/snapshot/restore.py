@@ -37,6 +37,9 @@ class RestoreRequest:
     #: Worker control directory: receives restore-context.json + restore-complete.
     control_dir: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    #: Refuse when a PID of the snapshot's tree is in use here. Container restores
+    #: turn it off: their tree gets its PIDs inside a fresh PID namespace.
+    check_pids: bool = True
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ def restore(
         manifest = Manifest.load(path)
         compat.check_host(manifest, hostinfo.current(str(criu.version)))
         gpu_plan = GpuRestorePlan.for_manifest(manifest, request.gpu_map)
-        if busy := _pids_in_use(manifest):
+        if request.check_pids and (busy := _pids_in_use(manifest)):
             raise UsageError(
                 f"PID {busy[0]} is in use, and snapshot {name!r} needs it",
                 hint="stop that process (an earlier restore of this snapshot?) and retry",
