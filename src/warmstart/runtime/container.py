@@ -227,7 +227,8 @@ class PlaceholderCriu(Criu):
 
     def restore_args(self) -> list[str]:
         t = self.target
-        args = ["--root", str(t.rootfs), "--network-lock", "skip"]
+        # The placeholder's cgroups: CRIU runs in them and leaves the restored tasks there.
+        args = ["--root", str(t.rootfs), "--network-lock", "skip", "--manage-cgroups=ignore"]
         if self.info.net_key:
             fd = self._open(f"/proc/{t.pid}/ns/net", os.O_RDONLY)
             args += ["--inherit-fd", f"fd[{fd}]:{self.info.net_key}"]
@@ -278,6 +279,8 @@ def restore_into_placeholder(
     protocol.write_atomic(control / ph.RESTORE_STARTED, b"", mode=0o644)
     pcriu = PlaceholderCriu(criu, target, info, control)
     try:
+        if listener is not None:
+            listener("rehydrate")
         if info.rootfs_diff:
             entry = next(f for f in manifest.files if f.path == info.rootfs_diff)
             verify_files(path, [Expected(entry.path, entry.size, entry.digest)])

@@ -1,0 +1,293 @@
+"""The node agent against real runc containers and CRIU (root, runc, criu)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from _containers import COUNTER, PLACEHOLDER_ARGS, PLACEHOLDER_ENV, build_base, run_container
+from _support import wait_for
+from warmstart.agent.client import AgentClient
+from warmstart.errors import Incompatible, NotFoundError, UsageError
+
+pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.criu, pytest.mark.slow]
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+NS_GET_PARENT = 0xB702
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return build_base(tmp_path_factory.mktemp("image") / "rootfs")
+
+
+class Agent:
+    def __init__(self, tmp: Path, runc_root: Path) -> None:
+        self.socket = tmp / "agent.sock"
+        self.state = tmp / "agent-state"
+        self.store = tmp / "store"
+        self.runc_root = runc_root
+        self.log = tmp / "agent.log"
+        self.proc: subprocess.Popen | None = None
+        self.metrics_port = 0
+
+    def start(self) -> None:
+        self.socket.unlink(missing_ok=True)
+        env = dict(os.environ, PYTHONPATH=str(SRC))
+        with socket_port() as port:
+            self.metrics_port = port
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "warmstart", "agent", "--socket", str(self.socket),
+             "--state-dir", str(self.state), "--store", str(self.store), "--runtime", "runc",
+             "--runc-root", str(self.runc_root), "--metrics-port", str(self.metrics_port),
+             "--metrics-addr", "127.0.0.1"],
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited: {self.log.read_text()[-2000:]}")
+            try:
+                with AgentClient(self.socket) as c:
+                    return c.call("GET", "/healthz")["ok"]
+            except Exception:
+                return False
+
+        wait_for(up, 30, 0.1, "the agent to listen")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def client(self) -> AgentClient:
+        return AgentClient(self.socket)
+
+    def run(self, body: dict, timeout: float = 120) -> dict:
+        with self.client() as c:
+            op = c.submit({"runtime": "runc", **body})
+            return c.wait(op["id"], timeout=timeout)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+
+class socket_port:
+    def __enter__(self) -> int:
+        import socket
+
+        self.s = socket.socket()
+        self.s.bind(("127.0.0.1", 0))
+        return self.s.getsockname()[1]
+
+    def __exit__(self, *exc) -> None:
+        self.s.close()
+
+
+@pytest.fixture
+def env(tmp_path: Path, base: Path):
+    runc_root = tmp_path / "runc"
+    runc_root.mkdir()
+    agent = Agent(tmp_path, runc_root)
+    agent.start()
+    made = []
+
+    def container(cid: str, args: list[str], **kw):
+        c = run_container(cid, base, tmp_path / "bundles", runc_root, args, **kw)
+        made.append(c)
+        return c
+
+    yield agent, container
+    agent.stop()
+    for c in made:
+        c.destroy()
+
+
+def _counter(c) -> int:
+    return int((c.rootfs / "data" / "counter").read_text().strip() or 0)
+
+
+def _ns(pid: int, ns: str) -> int:
+    return os.stat(f"/proc/{pid}/ns/{ns}").st_ino
+
+
+def _pidns_parent(pid: int) -> int:
+    fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY)
+    try:
+        parent = fcntl.ioctl(fd, NS_GET_PARENT)
+        try:
+            return os.fstat(parent).st_ino
+        finally:
+            os.close(parent)
+    finally:
+        os.close(fd)
+
+
+def _checkpoint(agent: Agent, cid: str, name: str) -> dict:
+    op = agent.run({"type": "checkpoint", "container_id": cid, "snapshot": name})
+    assert op["state"] == "succeeded", op
+    return op
+
+
+def _placeholder(container, cid: str, **kw):
+    c = container(cid, PLACEHOLDER_ARGS + ["sh", "-c", "echo cold > /data/cold; sleep 1000"],
+                  env=PLACEHOLDER_ENV, **kw)
+    wait_for(lambda: (c.rootfs / "run/warmstart/placeholder-waiting").exists(), 20,
+             what="the placeholder to wait")
+    return c
+
+
+def test_checkpoint_and_restore_into_placeholder(env) -> None:
+    agent, container = env
+    orig = container("orig", ["sh", "-c", COUNTER], hostname="orig-host")
+    wait_for(lambda: (orig.rootfs / "data/counter").exists() and _counter(orig) > 5, 20)
+
+    op = _checkpoint(agent, "orig", "snap-a")
+    at_dump = int((orig.upper / "data/counter").read_text())
+    assert op["result"]["size_bytes"] > 0 and op["result"]["image"] == "test-image"
+    assert "dump" in op["result"]["timings"]
+    assert orig.status() == "stopped"  # killed after the snapshot was published
+    assert (agent.store / "snap-a" / "rootfs-diff.tar").is_file()
+
+    ph = _placeholder(container, "ph", hostname="ph-host")
+    ph_pid = ph.pid
+    op = agent.run({"type": "restore", "container_id": "ph", "snapshot": "snap-a"})
+    assert op["state"] == "succeeded", op
+    pid = op["result"]["pid"]
+
+    # state continues: the counter goes on from where the dump left it
+    first = _counter(ph)
+    assert first >= at_dump
+    wait_for(lambda: _counter(ph) > first + 3, 20, what="the restored counter to advance")
+    # the file changes came along (new file, deleted file stays deleted)
+    assert (ph.rootfs / "data/new.txt").read_text() == "changed\n"
+    assert not (ph.rootfs / "data/doomed.txt").exists()
+    assert not (ph.rootfs / "data/cold").exists()  # never cold-started
+    # inside the placeholder's namespaces, reparented to it
+    for ns in ("net", "uts", "ipc", "cgroup", "user"):
+        assert _ns(pid, ns) == _ns(ph_pid, ns), ns
+    assert _pidns_parent(pid) == _ns(ph_pid, "pid")
+    assert os.stat(f"/proc/{pid}/root/data/new.txt").st_ino == os.stat(ph.rootfs / "data/new.txt").st_ino
+    assert Path(f"/proc/{pid}/status").read_text().count("PPid:\t" + str(ph_pid)) == 1
+    assert Path(f"/proc/{pid}/cgroup").read_text() == Path(f"/proc/{ph_pid}/cgroup").read_text()
+    control = ph.rootfs / "run/warmstart"
+    assert (control / "restore-complete").exists() and not (control / "placeholder-waiting").exists()
+
+    text = agent.metrics()
+    assert 'warmstart_agent_operations_total{result="succeeded",type="checkpoint"} 1.0' in text
+    assert 'warmstart_agent_operations_total{result="succeeded",type="restore"} 1.0' in text
+
+    # the placeholder serves as the restored worker's init: it exits with its status
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: ph.status() == "stopped", 20, what="the placeholder to exit")
+
+
+def test_two_restores_in_parallel(env) -> None:
+    agent, container = env
+    origs = [container(f"o{i}", ["sh", "-c", COUNTER]) for i in range(2)]
+    for o in origs:
+        wait_for(lambda o=o: (o.rootfs / "data/counter").exists() and _counter(o) > 3, 20)
+    with agent.client() as c:
+        ops = [c.submit({"type": "checkpoint", "container_id": f"o{i}", "snapshot": f"s{i}",
+                         "runtime": "runc"}) for i in range(2)]
+        done = [c.wait(op["id"], timeout=120) for op in ops]
+    assert [d["state"] for d in done] == ["succeeded", "succeeded"], done
+    at_dump = [int((o.upper / "data/counter").read_text()) for o in origs]
+
+    phs = [_placeholder(container, f"p{i}") for i in range(2)]
+    with agent.client() as c:
+        ops = [c.submit({"type": "restore", "container_id": f"p{i}", "snapshot": f"s{i}",
+                         "runtime": "runc"}) for i in range(2)]
+        assert all(op["state"] in ("pending", "running") for op in ops)
+        done = [c.wait(op["id"], timeout=120) for op in ops]
+    assert [d["state"] for d in done] == ["succeeded", "succeeded"], done
+    for ph, start in zip(phs, at_dump):
+        wait_for(lambda ph=ph, start=start: _counter(ph) > start + 3, 20)
+    assert done[0]["result"]["pid"] != done[1]["result"]["pid"]
+
+
+def test_bad_requests_get_clear_errors(env) -> None:
+    agent, container = env
+    worker = container("w", ["sh", "-c", COUNTER])
+    wait_for(lambda: (worker.rootfs / "data/counter").exists(), 20)
+    with agent.client() as c:
+        with pytest.raises(NotFoundError, match="no runc container 'nope'"):
+            c.submit({"type": "checkpoint", "container_id": "nope", "runtime": "runc"})
+        with pytest.raises(UsageError, match="invalid request"):
+            c.submit({"type": "explode", "container_id": "w"})
+    assert _checkpoint(agent, "w", "snap-w")["result"]["image"] == "test-image"
+
+    target = container("t", ["sh", "-c", COUNTER])  # running, but no placeholder
+    wait_for(lambda: (target.rootfs / "data/counter").exists(), 20)
+    other = _placeholder(container, "other", image="another-image")
+    with agent.client() as c:
+        with pytest.raises(UsageError, match="not a waiting placeholder") as exc:
+            c.submit({"type": "restore", "container_id": "t", "snapshot": "snap-w",
+                      "runtime": "runc"})
+        assert "warmstart placeholder" in (exc.value.hint or "")
+        with pytest.raises(Incompatible, match="of image 'test-image'.*another-image"):
+            c.submit({"type": "restore", "container_id": "other", "snapshot": "snap-w",
+                      "runtime": "runc"})
+        with pytest.raises(NotFoundError):
+            c.submit({"type": "restore", "container_id": "other", "snapshot": "missing",
+                      "runtime": "runc"})
+    # refused before anything happened: the placeholder still waits, untouched
+    assert (other.rootfs / "run/warmstart/placeholder-waiting").exists()
+    assert not (other.rootfs / "run/warmstart/restore-started").exists()
+
+
+def test_agent_restart_mid_operation_fails_it_cleanly(env) -> None:
+    agent, container = env
+    w = container("slow", ["sh", "-c", COUNTER], env={"SNAPSHOT_CONTROL_DIR": "/run/ctl"})
+    wait_for(lambda: (w.rootfs / "data/counter").exists(), 20)
+    with agent.client() as c:
+        op = c.submit({"type": "checkpoint", "container_id": "slow", "snapshot": "never",
+                       "wait_ready": True, "runtime": "runc"})
+        wait_for(lambda: c.operation(op["id"])["phase"] == "wait-ready", 20)
+    agent.kill()
+    agent.start()
+    with agent.client() as c:
+        after = c.operation(op["id"])
+    assert after["state"] == "failed"
+    assert "agent stopped during this operation (in wait-ready)" in after["error"]
+    assert w.status() == "running"
+    n = _counter(w)
+    wait_for(lambda: _counter(w) > n + 2, 20, what="the container to keep running")
+    assert not (agent.store / "never").exists()
+    assert not any((agent.store / ".staging").glob("*")) if (agent.store / ".staging").exists() else True
+
+
+def test_cancel_and_cold_start(env) -> None:
+    agent, container = env
+    w = container("c", ["sh", "-c", COUNTER], env={"SNAPSHOT_CONTROL_DIR": "/run/ctl"})
+    wait_for(lambda: (w.rootfs / "data/counter").exists(), 20)
+    with agent.client() as c:
+        op = c.submit({"type": "checkpoint", "container_id": "c", "wait_ready": True,
+                       "runtime": "runc"})
+        wait_for(lambda: c.operation(op["id"])["phase"] == "wait-ready", 20)
+        c.cancel(op["id"])
+        done = c.wait(op["id"], timeout=30)
+    assert done["state"] == "failed" and "cancelled" in done["error"]
+    assert w.status() == "running"
+
+    ph = _placeholder(container, "cold")
+    op = agent.run({"type": "cold-start", "container_id": "cold", "reason": "no snapshot"})
+    assert op["state"] == "succeeded"
+    wait_for(lambda: (ph.rootfs / "data/cold").exists(), 20, what="the cold start")
+    assert (ph.rootfs / "run/warmstart/cold-start").read_text() == "no snapshot\n"
