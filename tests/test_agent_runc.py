@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from _containers import COUNTER, PLACEHOLDER_ARGS, PLACEHOLDER_ENV, build_base, run_container
@@ -39,9 +40,9 @@ class Agent:
         self.proc: subprocess.Popen | None = None
         self.metrics_port = 0
 
-    def start(self) -> None:
+    def start(self, **extra_env: str) -> None:
         self.socket.unlink(missing_ok=True)
-        env = dict(os.environ, PYTHONPATH=str(SRC))
+        env = dict(os.environ, PYTHONPATH=str(SRC), **extra_env)
         with socket_port() as port:
             self.metrics_port = port
         self.proc = subprocess.Popen(
@@ -291,3 +292,38 @@ def test_cancel_and_cold_start(env) -> None:
     assert op["state"] == "succeeded"
     wait_for(lambda: (ph.rootfs / "data/cold").exists(), 20, what="the cold start")
     assert (ph.rootfs / "run/warmstart/cold-start").read_text() == "no snapshot\n"
+
+
+def test_agent_restart_mid_restore_leaves_the_placeholder_waiting(env) -> None:
+    agent, container = env
+    orig = container("o", ["sh", "-c", COUNTER])
+    wait_for(lambda: (orig.rootfs / "data/counter").exists() and _counter(orig) > 3, 20)
+    _checkpoint(agent, "o", "snap-r")
+    ph = _placeholder(container, "p")
+    control = ph.rootfs / "run/warmstart"
+
+    agent.stop()
+    agent.start(WARMSTART_AGENT_PAUSE_AT="resume")  # CRIU has restored the tree, stopped
+    with agent.client() as c:
+        op = c.submit({"type": "restore", "container_id": "p", "snapshot": "snap-r",
+                       "runtime": "runc"})
+        wait_for(lambda: "paused at resume" in str(c.operation(op["id"])["logs"]), 60)
+    half = int((control / "restored-pid").read_text())
+    children = psutil.Process(ph.pid).children()
+    assert children and all(ch.status() == psutil.STATUS_STOPPED for ch in children)
+
+    agent.kill()
+    agent.start()
+    with agent.client() as c:
+        after = c.operation(op["id"])
+    assert after["state"] == "failed" and "(in resume)" in after["error"]
+    assert psutil.Process(ph.pid).children() == []  # the half-restored tree is gone
+    assert not (control / "restore-started").exists() and not (control / "restored-pid").exists()
+    assert (control / "placeholder-waiting").exists() and ph.status() == "running"
+    assert half > 1
+
+    # and the placeholder can be restored into again
+    op = agent.run({"type": "restore", "container_id": "p", "snapshot": "snap-r"})
+    assert op["state"] == "succeeded", op
+    n = _counter(ph)
+    wait_for(lambda: _counter(ph) > n + 2, 20, what="the retried restore to run")

@@ -45,6 +45,8 @@ log = logging.getLogger("warmstart.agent")
 
 
 _NOT_CANCELLABLE = frozenset({"stop-original"})
+#: Fault injection for tests: the agent hangs when an operation reaches this phase.
+PAUSE_ENV = "WARMSTART_AGENT_PAUSE_AT"
 
 
 class Conflict(UsageError):
@@ -230,6 +232,11 @@ class OperationManager:
             op.phase = name.strip()
         self._log(op, f"phase {name.strip()}")
         self._save(op)
+        if os.environ.get(PAUSE_ENV) == name.strip():
+            self._log(op, f"paused at {name.strip()} (${PAUSE_ENV})")
+            self._save(op)
+            while True:
+                time.sleep(3600)
         # Past its publish a snapshot is done; only what can still be undone is cancelled.
         if op.cancel_requested and name.strip() not in _NOT_CANCELLABLE:
             raise Cancelled(f"operation {op.id} cancelled", hint="nothing it started is left")
