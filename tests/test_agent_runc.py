@@ -17,7 +17,7 @@ import pytest
 from _containers import COUNTER, PLACEHOLDER_ARGS, PLACEHOLDER_ENV, build_base, run_container
 from _support import wait_for
 from warmstart.agent.client import AgentClient
-from warmstart.errors import Incompatible, NotFoundError, UsageError
+from warmstart.errors import Incompatible, NotFoundError, UsageError, WarmstartError
 
 pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.criu, pytest.mark.slow]
 
@@ -327,3 +327,33 @@ def test_agent_restart_mid_restore_leaves_the_placeholder_waiting(env) -> None:
     assert op["state"] == "succeeded", op
     n = _counter(ph)
     wait_for(lambda: _counter(ph) > n + 2, 20, what="the retried restore to run")
+
+
+def test_the_k8s_node_adapter_drives_the_agent(env) -> None:
+    """warmstart.k8s.node.UnixSocketNodeOperations speaks this agent's API as is."""
+    import platform
+
+    from warmstart.k8s.node import UnixSocketNodeOperations
+
+    agent, container = env
+    orig = container("k", ["sh", "-c", COUNTER])
+    wait_for(lambda: (orig.rootfs / "data/counter").exists() and _counter(orig) > 3, 20)
+    ops = UnixSocketNodeOperations(str(agent.socket), poll_interval=0.05, timeout=120)
+    facts = ops.compatibility()
+    assert facts.arch == platform.machine() and facts.kernel == platform.release()
+
+    report = ops.checkpoint_container("containerd://k", "snap-k", str(agent.store), False)
+    assert report.ok, report.error
+    assert report.snapshot_id and report.size_bytes and report.timings.get("dump", 0) > 0
+
+    ph = _placeholder(container, "kp")
+    report = ops.restore_container("kp", "snap-k", str(agent.store))
+    assert report.ok, report.error
+    n = _counter(ph)
+    wait_for(lambda: _counter(ph) > n + 2, 20)
+
+    with pytest.raises(WarmstartError, match="not a waiting placeholder"):
+        ops.restore_container("kp", "snap-k", str(agent.store))  # it is the worker's init now
+    cold = _placeholder(container, "kc")
+    ops.cold_start("kc", "nothing compatible")
+    wait_for(lambda: (cold.rootfs / "data/cold").exists(), 20)
