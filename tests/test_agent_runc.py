@@ -342,7 +342,7 @@ def test_the_k8s_node_adapter_drives_the_agent(env) -> None:
     facts = ops.compatibility()
     assert facts.arch == platform.machine() and facts.kernel == platform.release()
 
-    report = ops.checkpoint_container("containerd://k", "snap-k", str(agent.store), False)
+    report = ops.checkpoint_container("containerd://k", "snap-k", f"file://{agent.store}", False)
     assert report.ok, report.error
     assert report.snapshot_id and report.size_bytes and report.timings.get("dump", 0) > 0
 

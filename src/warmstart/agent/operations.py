@@ -62,6 +62,16 @@ class Settings:
     workers: int = 8
 
 
+def store_path(store: str) -> Path:
+    """A store given as a directory or a ``file://`` URL (other schemes are refused)."""
+    if store.startswith("file://"):
+        return Path(store.removeprefix("file://"))
+    if "://" in store:
+        raise UsageError(f"store {store!r} is not a local directory",
+                         hint="the agent reads and writes local (or mounted) store paths")
+    return Path(store)
+
+
 def _strip(container_id: str) -> str:
     return container_id.split("://", 1)[-1]
 
@@ -151,10 +161,7 @@ class OperationManager:
         return runtime_for(str(name), runc_root=str(root) if root else None)
 
     def _store(self, store: str | None) -> LocalStore:
-        if store and "://" in store:
-            raise UsageError(f"store {store!r} is not a local directory",
-                             hint="the agent reads and writes local (or mounted) store paths")
-        return LocalStore(Path(store) if store else self.settings.store)
+        return LocalStore(store_path(store) if store else self.settings.store)
 
     def _find(self, request: Request) -> Container:
         return self._runtime(request).get(_strip(request.container_id))

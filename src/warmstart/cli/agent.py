@@ -29,22 +29,24 @@ def agent(
     socket: SocketOpt = _SOCKET,
     state_dir: Annotated[Path, typer.Option(help="Where operations are persisted.")] = Path(
         "/var/lib/warmstart/agent"),
-    store: Annotated[Path, typer.Option(envvar="WARMSTART_STORE",
-                                        help="Default snapshot store.")] = Path(
-        "/var/lib/warmstart/snapshots"),
+    store: Annotated[str, typer.Option(envvar="WARMSTART_STORE",
+                                       help="Default snapshot store (directory or file:// URL).")
+                     ] = "/var/lib/warmstart/snapshots",
     runtime: Annotated[str, typer.Option(help="Default runtime: runc or containerd.")] = "containerd",
     runc_root: Annotated[Optional[str], typer.Option(help="Default runc --root.")] = None,
-    metrics_port: Annotated[int, typer.Option(help="Prometheus port (-1: off).")] = 9464,
+    metrics_port: Annotated[int, typer.Option(envvar="WARMSTART_DAEMON_METRICS_PORT",
+                                              help="Prometheus port (0: off).")] = 9465,
     metrics_addr: Annotated[str, typer.Option(help="Prometheus address.")] = "0.0.0.0",
-    workers: Annotated[int, typer.Option(help="Operations run at once.")] = 8,
+    workers: Annotated[int, typer.Option(envvar="WARMSTART_MAX_PARALLEL_RESTORES",
+                                         help="Operations run at once.")] = 8,
 ) -> None:
     """Run the node agent: checkpoint and restore containers on request (see docs/agent.md)."""
-    from warmstart.agent.operations import Settings
+    from warmstart.agent.operations import Settings, store_path
     from warmstart.agent.server import serve
 
-    settings = Settings(state_dir=state_dir, store=store, runtime=runtime, runc_root=runc_root,
-                        workers=workers)
-    serve(settings, socket=socket, metrics_port=None if metrics_port < 0 else metrics_port,
+    settings = Settings(state_dir=state_dir, store=store_path(store), runtime=runtime,
+                        runc_root=runc_root, workers=workers)
+    serve(settings, socket=socket, metrics_port=metrics_port or None,
           metrics_addr=metrics_addr)
 
 

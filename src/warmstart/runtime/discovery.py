@@ -272,5 +272,8 @@ def runtime_for(name: str, *, runc_root: str | None = None,
     if name == "runc":
         return RuncRuntime(runc_root or os.environ.get("WARMSTART_RUNC_ROOT") or RUNC_ROOT)
     if name == "containerd":
-        return ContainerdRuntime(namespace or CONTAINERD_NAMESPACE)
+        socket = os.environ.get("WARMSTART_CONTAINERD_SOCKET")
+        return ContainerdRuntime(
+            namespace or os.environ.get("WARMSTART_CONTAINERD_NAMESPACE") or CONTAINERD_NAMESPACE,
+            address=socket)
     raise UsageError(f"unknown runtime {name!r}", hint="use runc or containerd")
