@@ -48,6 +48,8 @@ class RestoreRequest(_Request):
     snapshot: str = Field(min_length=1)
     store: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
+    #: Source GPU -> target GPU (``warmstart restore --gpu-map`` syntax), for GPU snapshots.
+    gpu_map: list[str] = Field(default_factory=list)
 
 
 class ColdStartRequest(_Request):

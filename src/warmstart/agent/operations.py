@@ -309,6 +309,7 @@ class OperationManager:
     def _restore(self, op: Operation, req: RestoreRequest, container: Container) -> dict:
         store = self._store(req.store)
         res = ctr.restore_into_placeholder(req.snapshot, container, store=store, env=req.env,
+                                           gpu_map=tuple(req.gpu_map),
                                            listener=lambda name: self._phase(op, name))
         m = res.manifest
         self.metrics.bytes.labels(op.type).inc(m.total_bytes)

@@ -90,11 +90,17 @@ def plan_dump(container: Container, *, image: str | None = None,
     dumped_mounts = mount_policy.dump_args(view.mounts)
     extra = ("--root", str(container.rootfs), "--network-lock", "skip", *dumped_mounts.args)
     saved = [ns for ns in ("mnt", "pid", "uts", "ipc", "time") if ns in view.namespaces]
+    ns_pids = {}
+    for p in hostproc.tree_processes(container.pid):
+        try:
+            ns_pids[str(p.pid)] = procinfo.ns_pid_chain(p.pid)[-1]
+        except OSError:
+            continue
     info = ContainerInfo(
         runtime=container.runtime, container_id=container.id,
         image=image if image is not None else container.image,
         rootfs_kind=rootfs_kind, net_key=net_key, stdio=stdio,
-        ext_mounts=dumped_mounts.keys, namespaces=saved,
+        ext_mounts=dumped_mounts.keys, namespaces=saved, ns_pids=ns_pids,
     )
     return ContainerDump(DumpOptions(external=tuple(external), extra_args=extra), info)
 
@@ -187,11 +193,6 @@ def check_image(manifest: Manifest, target: Container) -> ContainerInfo:
             f"placeholder {target.id!r} runs {target.image!r}",
             hint="start the placeholder from the snapshot's image",
         )
-    if manifest.gpus:
-        raise Incompatible(
-            "restoring GPU state into a container is not implemented yet",
-            hint="restore this snapshot with `warmstart restore` (process level)",
-        )
     return info
 
 
@@ -214,6 +215,7 @@ class PlaceholderCriu(Criu):
         chain = procinfo.ns_pid_chain(target.pid)
         self.depth = len(chain) - 1
         self.inner_pid = chain[-1]  # the placeholder's PID inside its own namespace
+        self.root_pid: int | None = None
 
     def _open(self, path: str, flags: int) -> int:
         fd = os.open(path, flags | os.O_CLOEXEC)
@@ -257,12 +259,25 @@ class PlaceholderCriu(Criu):
                 return p.pid
         raise NotFoundError(f"restored PID {ns_pid} not found under the placeholder")
 
+    def translate(self, recorded: int) -> int:
+        """Host PID at the dump -> host PID of the same process restored here."""
+        inner = self.info.ns_pids.get(str(recorded))
+        if inner is None or self.root_pid is None:
+            raise NotFoundError(f"PID {recorded} of the snapshot has no restored counterpart")
+        for p in [psutil.Process(self.root_pid), *psutil.Process(self.root_pid).children(True)]:
+            try:
+                if procinfo.ns_pid_chain(p.pid)[-1] == inner:
+                    return p.pid
+            except OSError:
+                continue
+        raise NotFoundError(f"restored process of PID {recorded} (inner PID {inner}) not found")
+
     def restore(self, images_dir: Path, options: RestoreOptions, *, log: Path) -> int:
         extra = self.restore_args()
         options = dataclasses.replace(options, extra_args=(*options.extra_args, *extra),
                                       pass_fds=(*options.pass_fds, *self._fds))
         ns_pid = super().restore(images_dir, options, log=log)
-        pid = self.host_pid(ns_pid)
+        pid = self.root_pid = self.host_pid(ns_pid)
         protocol.write_atomic(self.control / ph.RESTORED_PID, f"{ns_pid}\n".encode(), mode=0o644)
         return pid
 
@@ -270,6 +285,7 @@ class PlaceholderCriu(Criu):
 def restore_into_placeholder(
     name: str, target: Container, *, store: LocalStore, criu: Criu | None = None,
     listener: PhaseListener | None = None, env: dict[str, str] | None = None,
+    gpu_map: tuple[str, ...] = (),
 ) -> RestoreResult:
     control = check_placeholder(target)
     path = store.path_of(name)
@@ -285,7 +301,8 @@ def restore_into_placeholder(
             entry = next(f for f in manifest.files if f.path == info.rootfs_diff)
             verify_files(path, [Expected(entry.path, entry.size, entry.digest)])
             rootfs_diff.apply(path / info.rootfs_diff, target.rootfs)
-        request = RestoreRequest(control_dir=control, env=env or {}, check_pids=False)
+        request = RestoreRequest(gpu_map=tuple(gpu_map), control_dir=control, env=env or {},
+                                 check_pids=False, pid_map=pcriu.translate)
         return restore(name, store=store, request=request, criu=pcriu, listener=listener)
     except BaseException:
         for stale in (ph.RESTORED_PID, ph.RESTORE_STARTED):

@@ -95,6 +95,9 @@ class ContainerInfo(_Model):
     ext_mounts: dict[str, str] = Field(default_factory=dict)
     #: Namespace types the dump saved (fresh on restore) vs. joined from the placeholder.
     namespaces: list[str] = Field(default_factory=list)
+    #: Host PID at the dump -> PID inside the container's PID namespace, for the whole tree
+    #: (a restored process keeps the inner one; GPU restore needs the new host PID).
+    ns_pids: dict[str, int] = Field(default_factory=dict)
 
 
 class Manifest(_Model):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ class RestoreRequest:
     #: Refuse when a PID of the snapshot's tree is in use here. Container restores
     #: turn it off: their tree gets its PIDs inside a fresh PID namespace.
     check_pids: bool = True
+    #: Recorded PID -> PID of the restored process, where they differ (container restores).
+    pid_map: Callable[[int], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,8 @@ def restore(
                 proc.continue_tree(root_pid)
             if gpu_plan:
                 with timer.phase("gpu-restore", sum(g.device_memory_bytes for g in manifest.gpus)):
+                    if request.pid_map is not None:
+                        gpu_plan = gpu_plan.with_pids(request.pid_map)
                     gpu_plan.restore()
             if request.control_dir is not None:
                 with timer.phase("handover"):
