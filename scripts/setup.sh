@@ -16,7 +16,7 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for pkg in python3-venv util-linux iproute2 runc busybox-static; do
+for pkg in python3-venv util-linux iproute2 runc busybox-static containerd; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

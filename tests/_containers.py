@@ -156,3 +156,50 @@ PLACEHOLDER_ENV = {"PYTHONPATH": "/opt/warmstart", "SNAPSHOT_CONTROL_DIR": "/run
                    "PYTHONDONTWRITEBYTECODE": "1"}
 COUNTER = ("i=0; rm /data/doomed.txt; echo changed > /data/new.txt; "
            "while true; do i=$((i+1)); echo $i > /data/counter; sleep 0.1; done")
+
+
+def oci_image_tar(rootfs: Path, out: Path, name: str) -> Path:
+    """An OCI image archive (one uncompressed layer) of ``rootfs``, for `ctr images import`."""
+    import hashlib
+    import io
+    import tarfile
+
+    blobs: dict[str, bytes] = {}
+
+    def blob(data: bytes) -> tuple[str, int]:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        blobs[digest] = data
+        return digest, len(data)
+
+    layer_buf = io.BytesIO()
+    with tarfile.open(fileobj=layer_buf, mode="w") as layer:
+        for p in sorted(rootfs.rglob("*")):
+            layer.add(p, arcname=str(p.relative_to(rootfs)), recursive=False)
+    layer_digest, layer_size = blob(layer_buf.getvalue())
+    config = {"architecture": "amd64", "os": "linux",
+              "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                         "Cmd": ["sh"]},
+              "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}
+    config_digest, config_size = blob(json.dumps(config).encode())
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": config_digest, "size": config_size},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                            "digest": layer_digest, "size": layer_size}]}
+    manifest_digest, manifest_size = blob(json.dumps(manifest).encode())
+    index = {"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
+        "size": manifest_size, "platform": {"architecture": "amd64", "os": "linux"},
+        "annotations": {"io.containerd.image.name": name,
+                        "org.opencontainers.image.ref.name": name.rsplit(":", 1)[-1]}}]}
+    with tarfile.open(out, "w") as tar:
+        def put(arcname: str, data: bytes) -> None:
+            info = tarfile.TarInfo(arcname)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        put("oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
+        put("index.json", json.dumps(index).encode())
+        for digest, data in blobs.items():
+            put(f"blobs/sha256/{digest.split(':', 1)[1]}", data)
+    return out

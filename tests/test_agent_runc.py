@@ -357,3 +357,83 @@ def test_the_k8s_node_adapter_drives_the_agent(env) -> None:
     cold = _placeholder(container, "kc")
     ops.cold_start("kc", "nothing compatible")
     wait_for(lambda: (cold.rootfs / "data/cold").exists(), 20)
+
+
+@pytest.fixture
+def containerd(tmp_path: Path, base: Path):
+    import shutil
+
+    from _containers import oci_image_tar
+
+    if shutil.which("containerd") is None or shutil.which("ctr") is None:
+        pytest.skip("containerd not installed (scripts/setup.sh installs it)")
+    d = tmp_path / "ctrd"
+    d.mkdir()
+    sock = d / "c.sock"
+    daemon = subprocess.Popen(["containerd", "--root", str(d / "root"), "--state", str(d / "state"),
+                               "--address", str(sock)], stdout=open(d / "log", "wb"),
+                              stderr=subprocess.STDOUT)
+    ctr = ["ctr", "--address", str(sock), "-n", "k8s.io"]
+    wait_for(lambda: subprocess.run([*ctr, "version"], capture_output=True).returncode == 0, 30,
+             0.1, "containerd")
+    subprocess.run([*ctr, "images", "import", str(oci_image_tar(base, d / "img.tar",
+                                                                  "docker.io/library/wstest:1"))],
+                   check=True, capture_output=True)
+    ids = []
+
+    def run(cid: str, *args: str, env: dict[str, str] | None = None) -> int:
+        envs = [a for k, v in (env or {}).items() for a in ("--env", f"{k}={v}")]
+        subprocess.run([*ctr, "run", "-d", *envs, "docker.io/library/wstest:1", cid, *args],
+                       check=True, capture_output=True, timeout=60)
+        ids.append(cid)
+        out = subprocess.run([*ctr, "task", "ls"], capture_output=True, text=True).stdout
+        return int(next(line.split()[1] for line in out.splitlines() if line.split()[0] == cid))
+
+    env = {"WARMSTART_CONTAINERD_SOCKET": str(sock), "WARMSTART_CONTAINERD_STATE": str(d / "state")}
+    yield run, env, d
+    for cid in ids:
+        subprocess.run([*ctr, "task", "kill", "-s", "KILL", cid], capture_output=True)
+        time.sleep(0.2)
+        subprocess.run([*ctr, "task", "rm", "-f", cid], capture_output=True)
+        subprocess.run([*ctr, "containers", "rm", cid], capture_output=True)
+    daemon.terminate()
+    daemon.wait(20)
+
+
+def test_containerd_checkpoint_and_restore(tmp_path: Path, containerd) -> None:
+    run, ctrd_env, _d = containerd
+    agent = Agent(tmp_path, tmp_path / "unused")
+    old = {k: os.environ.get(k) for k in ctrd_env}
+    agent.start(**ctrd_env)
+    try:
+        pid = run("o1", "sh", "-c", COUNTER)
+        data = Path(f"/proc/{pid}/root/data")
+        wait_for(lambda: (data / "counter").exists() and int((data / "counter").read_text() or 0) > 3, 20)
+        op = agent.run({"type": "checkpoint", "container_id": "containerd://o1", "snapshot": "c1",
+                        "runtime": "containerd"})
+        assert op["state"] == "succeeded", op
+        assert op["result"]["image"] == "docker.io/library/wstest:1"
+        at_dump = int(data.joinpath("counter").read_text()) if data.exists() else 0
+
+        ph_pid = run("p1", *PLACEHOLDER_ARGS, "sh", "-c", "sleep 1000",
+                     env={**PLACEHOLDER_ENV, "SNAPSHOT_CONTROL_DIR": "/ctl"})
+        root = Path(f"/proc/{ph_pid}/root")
+        wait_for(lambda: (root / "ctl/placeholder-waiting").exists(), 20)
+        op = agent.run({"type": "restore", "container_id": "p1", "snapshot": "c1",
+                        "runtime": "containerd"})
+        assert op["state"] == "succeeded", op
+        restored = op["result"]["pid"]
+        counter = lambda: int((root / "data/counter").read_text() or 0)  # noqa: E731
+        first = counter()
+        assert first >= at_dump
+        wait_for(lambda: counter() > first + 3, 20, what="the restored counter to advance")
+        assert (root / "data/new.txt").read_text() == "changed\n"
+        assert not (root / "data/doomed.txt").exists()
+        for ns in ("net", "uts", "ipc"):
+            assert _ns(restored, ns) == _ns(ph_pid, ns), ns
+        assert _pidns_parent(restored) == _ns(ph_pid, "pid")
+    finally:
+        agent.stop()
+        for k, v in old.items():
+            if v is not None:
+                os.environ[k] = v

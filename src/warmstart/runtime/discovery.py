@@ -22,7 +22,9 @@ from warmstart.runtime.procinfo import ProcView
 
 RUNC_ROOT = Path("/run/runc")
 CONTAINERD_NAMESPACE = "k8s.io"
-CONTAINERD_TASK_ROOT = Path("/run/containerd/io.containerd.runtime.v2.task")
+#: containerd's --state directory; task bundles live under it.
+CONTAINERD_STATE = Path("/run/containerd")
+TASK_DIR = "io.containerd.runtime.v2.task"
 #: Annotation (OCI) naming the image a container runs; wins over what is inferred.
 IMAGE_ANNOTATION = "warmstart.dev/image"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,253}$")
@@ -225,10 +227,11 @@ class ContainerdRuntime:
     name = "containerd"
 
     def __init__(self, namespace: str = CONTAINERD_NAMESPACE, *, ctr: str = "ctr",
-                 address: str | None = None) -> None:
+                 address: str | None = None, state: Path | str = CONTAINERD_STATE) -> None:
         self.namespace = namespace
         self.ctr = ctr
         self.address = address
+        self.state = Path(state)
 
     def _ctr(self, *args: str) -> str:
         exe = shutil.which(self.ctr)
@@ -255,7 +258,7 @@ class ContainerdRuntime:
             raise UsageError(f"container {container_id!r} is {status.lower()}",
                              hint="pass a running container")
         info = parse_ctr_info(json.loads(self._ctr("containers", "info", container_id)))
-        bundle = CONTAINERD_TASK_ROOT / self.namespace / container_id
+        bundle = self.state / TASK_DIR / self.namespace / container_id
         root = Path(info["root"])
         proc = ProcView.read(pid)
         return Container(
@@ -272,8 +275,8 @@ def runtime_for(name: str, *, runc_root: str | None = None,
     if name == "runc":
         return RuncRuntime(runc_root or os.environ.get("WARMSTART_RUNC_ROOT") or RUNC_ROOT)
     if name == "containerd":
-        socket = os.environ.get("WARMSTART_CONTAINERD_SOCKET")
         return ContainerdRuntime(
             namespace or os.environ.get("WARMSTART_CONTAINERD_NAMESPACE") or CONTAINERD_NAMESPACE,
-            address=socket)
+            address=os.environ.get("WARMSTART_CONTAINERD_SOCKET"),
+            state=os.environ.get("WARMSTART_CONTAINERD_STATE") or CONTAINERD_STATE)
     raise UsageError(f"unknown runtime {name!r}", hint="use runc or containerd")
