@@ -225,6 +225,7 @@ def test_two_restores_in_parallel(env) -> None:
 
 def test_bad_requests_get_clear_errors(env) -> None:
     agent, container = env
+    assert os.stat(agent.socket).st_mode & 0o777 == 0o600  # root's API only
     worker = container("w", ["sh", "-c", COUNTER])
     wait_for(lambda: (worker.rootfs / "data/counter").exists(), 20)
     with agent.client() as c:

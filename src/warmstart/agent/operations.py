@@ -142,6 +142,9 @@ class OperationManager:
         if control is not None and (control / ph.RESTORE_COMPLETE).exists():
             self._log(op, "agent restart: the restore had completed")
             return State.SUCCEEDED
+        if control is None or not (control / ph.RESTORE_STARTED).exists() \
+                or (control / ph.COLD_START).exists():
+            return State.FAILED  # it never got as far as restoring, or the container moved on
         for child in psutil.Process(target.pid).children():
             hostproc.kill_tree(child.pid)
             self._log(op, f"agent restart: killed half-restored PID {child.pid}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import platform
+import socket as socket_
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -126,13 +127,23 @@ def serve(settings: Settings, *, socket: Path, metrics_port: int | None = 9464,
     if metrics_port is not None:
         port = manager.metrics.serve(metrics_port, metrics_addr)
         logging.getLogger("warmstart.agent").info("metrics on %s:%d", metrics_addr, port)
-    socket = Path(socket)
-    socket.parent.mkdir(parents=True, exist_ok=True)
-    socket.unlink(missing_ok=True)
-    config = uvicorn.Config(create_app(manager), uds=str(socket), log_level="warning",
+    listener = _listen(Path(socket))
+    config = uvicorn.Config(create_app(manager), fd=listener.fileno(), log_level="warning",
                             timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run()
     finally:
         manager.shutdown()
-        socket.unlink(missing_ok=True)
+        Path(socket).unlink(missing_ok=True)
+        listener.close()
+
+
+def _listen(path: Path) -> socket_.socket:
+    """The API socket, owner-only (0600; uvicorn's own would be 0666), listening."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    sock = socket_.socket(socket_.AF_UNIX, socket_.SOCK_STREAM)
+    sock.bind(str(path))  # the umask (022) already keeps others from connecting
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    return sock
