@@ -438,3 +438,31 @@ def test_containerd_checkpoint_and_restore(tmp_path: Path, containerd) -> None:
         for k, v in old.items():
             if v is not None:
                 os.environ[k] = v
+
+
+def test_agent_killed_after_the_dump_leaves_nothing_half_done(env) -> None:
+    """Killed while the tree is stopped and the images half-published: all is undone."""
+    agent, container = env
+    w = container("d", ["sh", "-c", COUNTER])
+    wait_for(lambda: (w.rootfs / "data/counter").exists(), 20)
+    agent.stop()
+    agent.start(WARMSTART_AGENT_PAUSE_AT="checksum")  # after `criu dump`, before publish
+    with agent.client() as c:
+        op = c.submit({"type": "checkpoint", "container_id": "d", "snapshot": "half",
+                       "runtime": "runc"})
+        wait_for(lambda: "paused at checksum" in str(c.operation(op["id"])["logs"]), 60)
+    staging = list((agent.store / ".staging").iterdir())
+    assert staging and any((staging[0] / "images").iterdir())
+    assert psutil.Process(w.pid).status() == psutil.STATUS_STOPPED  # frozen by the dump
+    agent.kill()
+    # the snapshot guard resumes the container as soon as the agent is gone
+    wait_for(lambda: psutil.Process(w.pid).status() != psutil.STATUS_STOPPED, 20,
+             what="the guard to resume the container")
+    agent.start()
+    with agent.client() as c:
+        after = c.operation(op["id"])
+    assert after["state"] == "failed" and "(in checksum)" in after["error"]
+    assert list((agent.store / ".staging").iterdir()) == []  # swept
+    assert not (agent.store / "half").exists()
+    n = _counter(w)
+    wait_for(lambda: _counter(w) > n + 2, 20, what="the container to keep running")
