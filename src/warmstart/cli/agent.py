@@ -10,7 +10,6 @@ import typer
 from warmstart.cli.app import app
 from warmstart.cli.commands import JsonOpt, parse_pairs
 from warmstart.cli.output import console, emit_json
-from warmstart.errors import WarmstartError
 
 ctl = typer.Typer(help="Drive a running `warmstart agent` over its unix socket.",
                   no_args_is_help=True)
@@ -200,5 +199,3 @@ def ctl_wait(op_id: str, socket: SocketOpt = _SOCKET, json_out: JsonOpt = False)
     """Wait until an operation ends."""
     _finish(socket, {"id": op_id}, True, json_out)
 
-
-__all__ = ["agent", "placeholder", "ctl", "WarmstartError"]

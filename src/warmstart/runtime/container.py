@@ -46,6 +46,7 @@ from warmstart.runtime import mounts as mount_policy
 from warmstart.runtime import placeholder as ph
 from warmstart.runtime import procinfo, rootfs_diff
 from warmstart.runtime.discovery import Container
+from warmstart.snapshot import compat, hostinfo
 from warmstart.snapshot.checkpoint import CheckpointOptions, CheckpointResult, checkpoint
 from warmstart.snapshot.manifest import ContainerInfo, FileEntry, Manifest
 from warmstart.snapshot.restore import RestoreRequest, RestoreResult, restore
@@ -292,6 +293,7 @@ def restore_into_placeholder(
     manifest = Manifest.load(path)
     info = check_image(manifest, target)
     criu = criu or find_criu()
+    compat.check_host(manifest, hostinfo.current(str(criu.version)))  # before touching anything
     protocol.write_atomic(control / ph.RESTORE_STARTED, b"", mode=0o644)
     pcriu = PlaceholderCriu(criu, target, info, control)
     try:
