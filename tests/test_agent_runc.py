@@ -318,7 +318,8 @@ def test_agent_restart_mid_restore_leaves_the_placeholder_waiting(env) -> None:
     with agent.client() as c:
         after = c.operation(op["id"])
     assert after["state"] == "failed" and "(in resume)" in after["error"]
-    assert psutil.Process(ph.pid).children() == []  # the half-restored tree is gone
+    wait_for(lambda: psutil.Process(ph.pid).children() == [], 5,
+             what="the half-restored tree to be gone")
     assert not (control / "restore-started").exists() and not (control / "restored-pid").exists()
     assert (control / "placeholder-waiting").exists() and ph.status() == "running"
     assert half > 1
@@ -466,3 +467,30 @@ def test_agent_killed_after_the_dump_leaves_nothing_half_done(env) -> None:
     assert not (agent.store / "half").exists()
     n = _counter(w)
     wait_for(lambda: _counter(w) > n + 2, 20, what="the container to keep running")
+
+
+def test_a_failed_restore_leaves_the_placeholder_waiting(env) -> None:
+    """A restore that fails after CRIU ran (a damaged page image) kills what it restored."""
+    agent, container = env
+    orig = container("f", ["sh", "-c", COUNTER])
+    wait_for(lambda: (orig.rootfs / "data/counter").exists(), 20)
+    _checkpoint(agent, "f", "damaged")
+    pages = max((agent.store / "damaged/images").glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    with open(pages, "r+b") as f:  # same size, one byte different: only the checksum tells
+        f.seek(pages.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    ph = _placeholder(container, "fp")
+    control = ph.rootfs / "run/warmstart"
+    op = agent.run({"type": "restore", "container_id": "fp", "snapshot": "damaged"})
+    assert op["state"] == "failed"
+    assert "checksum" in op["error"] or "corrupt" in op["error"].lower(), op["error"]
+    assert "criu-restore" in op["phases_done"]  # it failed after CRIU had restored the tree
+    wait_for(lambda: psutil.Process(ph.pid).children() == [], 5,
+             what="nothing half-restored to be left")
+    assert not (control / "restore-started").exists() and not (control / "restored-pid").exists()
+    assert (control / "placeholder-waiting").exists()
+    op = agent.run({"type": "cold-start", "container_id": "fp", "reason": "restore failed"})
+    assert op["state"] == "succeeded"
+    wait_for(lambda: (ph.rootfs / "data/cold").exists(), 20, what="the cold start")
