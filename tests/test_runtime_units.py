@@ -225,3 +225,18 @@ def test_placeholder_cold_starts_itself_at_its_deadlines(tmp_path: Path) -> None
     assert p.poll() is None
     assert p.wait(20) == 0
     assert "restore did not complete within 1.5s" in (other / "ctl" / ph.COLD_START).read_text()
+
+
+def test_criu_log_diagnosis_skips_benign_errors_and_names_the_socket_problem() -> None:
+    from warmstart.host.criulog import diagnose
+
+    log = """\
+(00.087898) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted
+(00.134942) Error (criu/sockets.c:628): sockets: Can't get 1:16 opt: Operation not supported
+(00.134965) Error (criu/cr-dump.c:1681): Dump files (pid: 13431) failed with -1
+"""
+    d = diagnose(log)
+    assert d.message.startswith("CRIU cannot read a socket's options")
+    assert "sockets.c:628" in (d.line or "")
+    only_rlimit = log.splitlines()[0] + "\n(00.2) Error (criu/mount.c:1): mnt: No mapping for 50\n"
+    assert diagnose(only_rlimit).message == "CRIU could not handle a mount of the tree"
