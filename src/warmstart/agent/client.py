@@ -35,9 +35,10 @@ class AgentClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+             params: dict[str, str] | None = None) -> Any:
         try:
-            resp = self._http.request(method, path, json=body)
+            resp = self._http.request(method, path, json=body, params=params)
         except httpx.TransportError as exc:
             raise EnvironmentProblem(f"cannot reach the agent at {self.socket} ({exc})",
                                      hint="is `warmstart agent` running? (--socket)") from None
@@ -56,8 +57,8 @@ class AgentClient:
         return self.call("GET", "/v1/node")
 
     def container(self, container_id: str, **params: str) -> dict[str, Any]:
-        query = "&".join(f"{k}={v}" for k, v in params.items() if v)
-        return self.call("GET", f"/v1/containers/{container_id}" + (f"?{query}" if query else ""))
+        return self.call("GET", f"/v1/containers/{container_id}",
+                         params={k: v for k, v in params.items() if v})
 
     def submit(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.call("POST", "/v1/operations", body)

@@ -138,19 +138,17 @@ class OperationManager:
         except WarmstartError:
             self._log(op, "agent restart: the placeholder is gone")
             return State.FAILED
-        control = target.control_dir()
-        if control is not None and (control / ph.RESTORE_COMPLETE).exists():
+        control = ctr.placeholder_control(target)
+        if (control / ph.RESTORE_COMPLETE).exists():
             self._log(op, "agent restart: the restore had completed")
             return State.SUCCEEDED
-        if control is None or not (control / ph.RESTORE_STARTED).exists() \
-                or (control / ph.COLD_START).exists():
+        if not (control / ph.RESTORE_STARTED).exists() or (control / ph.COLD_START).exists():
             return State.FAILED  # it never got as far as restoring, or the container moved on
         for child in psutil.Process(target.pid).children():
             hostproc.kill_tree(child.pid)
             self._log(op, f"agent restart: killed half-restored PID {child.pid}")
-        if control is not None:
-            for stale in (ph.RESTORED_PID, ph.RESTORE_STARTED):
-                (control / stale).unlink(missing_ok=True)
+        for stale in (ph.RESTORED_PID, ph.RESTORE_STARTED):
+            (control / stale).unlink(missing_ok=True)
         return State.FAILED
 
     # -- requests ---------------------------------------------------------------------

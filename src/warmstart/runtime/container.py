@@ -164,10 +164,18 @@ def checkpoint_container(
 
 
 # -- restore -----------------------------------------------------------------------------
+def placeholder_control(target: Container) -> Path:
+    """The placeholder's control directory, as a path the agent can use."""
+    control = target.control_dir()
+    if control is None:  # the placeholder's own default
+        control = Path(f"/proc/{target.pid}/root") / ph.DEFAULT_CONTROL_DIR.lstrip("/")
+    return control
+
+
 def check_placeholder(target: Container) -> Path:
     """The control dir of ``target`` if it is a placeholder waiting for a restore."""
-    control = target.control_dir()
-    if control is None or not (control / ph.WAITING).exists():
+    control = placeholder_control(target)
+    if not (control / ph.WAITING).exists():
         raise UsageError(
             f"container {target.id!r} is not a waiting placeholder",
             hint="restore only into a container started with `warmstart placeholder` "
