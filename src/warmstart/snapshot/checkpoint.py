@@ -189,7 +189,10 @@ def checkpoint(
                 on_start=guard.criu_started,
             )  # fmt: skip
         _add_criu_phases(timer, staging.images)
-        extra: dict[str, Any] = after_dump(staging) if after_dump is not None else {}
+        extra: dict[str, Any] = {}
+        if after_dump is not None:
+            with timer.phase("after-dump"):
+                extra = after_dump(staging)
         if options.leave_running:
             with timer.phase("resume-original"):
                 proc.continue_pids(pids)
