@@ -211,16 +211,21 @@ def test_two_restores_in_parallel(env) -> None:
     assert [d["state"] for d in done] == ["succeeded", "succeeded"], done
     at_dump = [int((o.upper / "data/counter").read_text()) for o in origs]
 
-    phs = [_placeholder(container, f"p{i}") for i in range(2)]
+    # s0 -> p0, s1 -> p1, and s0 again -> p2 (one snapshot, many replicas), all at once
+    plan = [("p0", "s0"), ("p1", "s1"), ("p2", "s0")]
+    phs = [_placeholder(container, p) for p, _ in plan]
     with agent.client() as c:
-        ops = [c.submit({"type": "restore", "container_id": f"p{i}", "snapshot": f"s{i}",
-                         "runtime": "runc"}) for i in range(2)]
+        ops = [c.submit({"type": "restore", "container_id": p, "snapshot": s, "runtime": "runc"})
+               for p, s in plan]
         assert all(op["state"] in ("pending", "running") for op in ops)
         done = [c.wait(op["id"], timeout=120) for op in ops]
-    assert [d["state"] for d in done] == ["succeeded", "succeeded"], done
-    for ph, start in zip(phs, at_dump):
+    assert [d["state"] for d in done] == ["succeeded"] * 3, done
+    for ph, start in zip(phs, [at_dump[0], at_dump[1], at_dump[0]]):
         wait_for(lambda ph=ph, start=start: _counter(ph) > start + 3, 20)
-    assert done[0]["result"]["pid"] != done[1]["result"]["pid"]
+    assert len({d["result"]["pid"] for d in done}) == 3
+    # the two replicas of s0 are independent: each in its own placeholder's network namespace
+    assert _ns(done[0]["result"]["pid"], "net") == _ns(phs[0].pid, "net")
+    assert _ns(done[2]["result"]["pid"], "net") == _ns(phs[2].pid, "net") != _ns(phs[0].pid, "net")
 
 
 def test_bad_requests_get_clear_errors(env) -> None:
