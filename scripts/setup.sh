@@ -16,7 +16,7 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for pkg in python3-venv util-linux iproute2 runc busybox-static; do
+for pkg in python3-venv util-linux iproute2 runc busybox-static containerd; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -36,5 +36,5 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   log "installing torch 2.13.0 (CPU build)"
   .venv/bin/pip install -q torch==2.13.0
 fi
-.venv/bin/pip install -q -e '.[test,serve,k8s]'
+.venv/bin/pip install -q -e '.[test,serve,k8s,agent]'
 log "ready: $(.venv/bin/warmstart --help >/dev/null && echo 'warmstart installed in .venv')"

@@ -24,15 +24,33 @@ def _criu_ok() -> str | None:
     return None
 
 
+def _runc_ok() -> str | None:
+    import shutil
+
+    if os.geteuid() != 0:
+        return "needs root"
+    for tool in ("runc", "busybox", "nsenter", "unshare"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed (scripts/setup.sh installs it)"
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     reason = None
     checked = False
+    runc_reason: str | None = None
+    runc_checked = False
     for item in items:
         if "criu" in item.keywords:
             if not checked:
                 reason, checked = _criu_ok(), True
             if reason:
                 item.add_marker(pytest.mark.skip(reason=f"CRIU unavailable: {reason}"))
+        if "runc" in item.keywords:
+            if not runc_checked:
+                runc_reason, runc_checked = _runc_ok(), True
+            if runc_reason:
+                item.add_marker(pytest.mark.skip(reason=f"runc unavailable: {runc_reason}"))
 
 
 @pytest.fixture

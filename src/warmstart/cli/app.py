@@ -25,7 +25,11 @@ def fail(exc: WarmstartError) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> None:
+<<<<<<< HEAD
     from warmstart.cli import commands, doctor, gms, workers  # noqa: F401  (they register themselves)
+=======
+    from warmstart.cli import agent, commands, doctor, workers  # noqa: F401  (they register themselves)
+>>>>>>> agent
 
     try:
         app(args=argv, prog_name="warmstart", standalone_mode=True)

@@ -113,9 +113,12 @@ class RestoreOptions:
 class Criu:
     """One CRIU binary."""
 
-    def __init__(self, path: Path, version: CriuVersion) -> None:
+    def __init__(self, path: Path, version: CriuVersion, *, prefix: tuple[str, ...] = ()) -> None:
         self.path = Path(path)
         self.version = version
+        #: Command that CRIU runs under (e.g. ``nsenter ... --``): the container
+        #: restore runs CRIU inside a placeholder's namespaces this way.
+        self.prefix = tuple(prefix)
 
     def __repr__(self) -> str:
         return f"Criu({str(self.path)!r}, {self.version})"
@@ -131,7 +134,7 @@ class Criu:
         on_start: Callable[[int], None] | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
         log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [str(self.path), action, *args, "-v4", "-o", str(log)]
+        cmd = [*self.prefix, str(self.path), action, *args, "-v4", "-o", str(log)]
         out = log.with_suffix(".out")
         with open(out, "wb") as sink:
             proc = subprocess.Popen(

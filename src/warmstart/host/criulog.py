@@ -79,6 +79,12 @@ _RULES: tuple[_Rule, ...] = (
         "check that the workload is running, then retry",
     ),
     _rule(
+        r"sockets: Can't get \d+:\d+ opt",
+        "CRIU cannot read a socket's options on this kernel (TCP sockets: CRIU 4.1.1 on "
+        "Linux 6.18)",
+        "close TCP sockets before the checkpoint point, or use a kernel/CRIU pair that can",
+    ),
+    _rule(
         r"No space left on device",
         "the snapshot store ran out of space",
         "free space in the store or choose another with --store",
@@ -96,11 +102,15 @@ _RULES: tuple[_Rule, ...] = (
 )
 
 
+#: Error lines CRIU logs and then carries on from: never the cause of a failure.
+_BENIGN = re.compile(r"rlimit: Can't setup RLIMIT_NOFILE")
+
+
 def error_lines(text: str) -> list[str]:
     out = []
     for raw in text.splitlines():
         m = _ERROR.match(raw.strip())
-        if m:
+        if m and not _BENIGN.search(m["text"]):
             out.append(f"{m['where']}: {m['text'].strip()}")
     return out
 

@@ -76,7 +76,16 @@ def kill_tree(pid: int, *, timeout: float = 10.0) -> None:
 
 
 def continue_pids(pids: Iterable[int]) -> None:
+    """SIGCONT ``pids`` and their descendants: a task forked after the tree was listed
+    (a shell's short-lived child) was frozen and left stopped by CRIU all the same."""
+    pids = list(pids)
+    every = list(pids)
     for pid in pids:
+        try:
+            every += [c.pid for c in psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    for pid in dict.fromkeys(every):
         try:
             os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:

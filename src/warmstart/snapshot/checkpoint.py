@@ -25,8 +25,10 @@ import datetime as dt
 import errno
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -45,7 +47,7 @@ from warmstart.snapshot.manifest import (
 )
 from warmstart.snapshot.timing import PhaseListener, Timer
 from warmstart.store.integrity import FollowingDigester
-from warmstart.store.local import LocalStore
+from warmstart.store.local import LocalStore, Staging
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,14 @@ def checkpoint(
     options: CheckpointOptions | None = None,
     criu: Criu | None = None,
     listener: PhaseListener | None = None,
+    after_dump: Callable[[Staging], dict[str, Any]] | None = None,
 ) -> CheckpointResult:
+    """Checkpoint the tree of ``pid``.
+
+    ``after_dump`` runs right after the CRIU dump while the tree is still stopped
+    (the container layer captures its filesystem changes there); it returns extra
+    manifest fields, ``files`` being appended to the image files.
+    """
     options = options or CheckpointOptions()
     criu = criu or find_criu()
     timer = Timer(listener)
@@ -180,6 +189,10 @@ def checkpoint(
                 on_start=guard.criu_started,
             )  # fmt: skip
         _add_criu_phases(timer, staging.images)
+        extra: dict[str, Any] = {}
+        if after_dump is not None:
+            with timer.phase("after-dump"):
+                extra = after_dump(staging)
         if options.leave_running:
             with timer.phase("resume-original"):
                 proc.continue_pids(pids)
@@ -198,11 +211,13 @@ def checkpoint(
             files=[
                 FileEntry(path=f"{IMAGES_DIR}/{rel}", size=size, digest=digest)
                 for rel, (size, digest) in sorted(digests.items())
-            ],
+            ]
+            + list(extra.pop("files", [])),
             gpus=gpu.records() if gpu else [],
             timings=timer.phases,
             criu_options=options.dump.as_record(),
             labels=options.labels,
+            **extra,
         )
         with timer.phase("publish"):
             path = store.publish(staging, manifest, durable=options.durable)

@@ -6,7 +6,7 @@ works on hosts without a driver.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from warmstart.gpu import (
@@ -74,6 +74,11 @@ class GpuRestorePlan:
     @property
     def pids(self) -> list[int]:
         return list(dict.fromkeys(g.pid for g in self.records))
+
+    def with_pids(self, pid_map: Callable[[int], int]) -> GpuRestorePlan:
+        """The same plan for processes whose PIDs changed (``pid_map``: recorded -> now)."""
+        records = tuple(g.model_copy(update={"pid": pid_map(g.pid)}) for g in self.records)
+        return GpuRestorePlan(records, self.pairs)
 
     def restore(self) -> None:
         """Restore GPU state into the restored processes, then unlock them."""

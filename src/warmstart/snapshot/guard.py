@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -47,11 +46,9 @@ def recover(pids: list[int], cuda_pids: list[int], criu_pid: int | None) -> None
             GpuCheckpointSession(load_driver(), cuda_pids).rollback()
         except Exception as exc:  # noqa: BLE001 - best effort, keep resuming the tree
             print(f"warmstart guard: GPU rollback failed: {exc}", file=sys.stderr)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+    from warmstart.host.process import continue_pids
+
+    continue_pids(pids)  # with descendants forked since the tree was listed
 
 
 def main(argv: list[str] | None = None) -> int:

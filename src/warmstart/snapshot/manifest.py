@@ -75,6 +75,31 @@ class PhaseTiming(_Model):
     bytes: int | None = None
 
 
+class ContainerInfo(_Model):
+    """What a container-level snapshot needs besides its images (``kind == "container"``)."""
+
+    runtime: str
+    container_id: str
+    #: Identity of the image the container's root filesystem came from; restore
+    #: refuses a placeholder of another image.
+    image: str
+    #: ``overlay`` (upper directory captured) or ``plain`` (diff against a base rootfs).
+    rootfs_kind: str
+    #: Snapshot-relative path of the filesystem diff archive (tar, OCI whiteouts).
+    rootfs_diff: str | None = None
+    #: CRIU key of the external network namespace (``--inherit-fd fd[N]:KEY`` on restore).
+    net_key: str | None = None
+    #: stdio fd of the container init -> CRIU inherit key; re-attached to the placeholder's.
+    stdio: dict[str, str] = Field(default_factory=dict)
+    #: CRIU external-mount key -> host path bind-mounted there on restore.
+    ext_mounts: dict[str, str] = Field(default_factory=dict)
+    #: Namespace types the dump saved (fresh on restore) vs. joined from the placeholder.
+    namespaces: list[str] = Field(default_factory=list)
+    #: Host PID at the dump -> PID inside the container's PID namespace, for the whole tree
+    #: (a restored process keeps the inner one; GPU restore needs the new host PID).
+    ns_pids: dict[str, int] = Field(default_factory=dict)
+
+
 class Manifest(_Model):
     format_version: int = FORMAT_VERSION
     kind: Literal["process-tree", "container"] = "process-tree"
@@ -90,6 +115,8 @@ class Manifest(_Model):
     criu_options: dict[str, bool | int | str] = Field(default_factory=dict)
     #: Free-form facts from the workload or the caller (model, engine, control dir).
     labels: dict[str, str] = Field(default_factory=dict)
+    #: Set for container snapshots (``kind == "container"``).
+    container: ContainerInfo | None = None
 
     @property
     def total_bytes(self) -> int:

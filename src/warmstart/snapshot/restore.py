@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -45,6 +46,11 @@ class RestoreRequest:
     parallel_pages: bool | None = None
     #: Page-server threads (default: up to 16, one per core).
     page_threads: int | None = None
+    #: Refuse when a PID of the snapshot's tree is in use here. Container restores
+    #: turn it off: their tree gets its PIDs inside a fresh PID namespace.
+    check_pids: bool = True
+    #: Recorded PID -> PID of the restored process, where they differ (container restores).
+    pid_map: Callable[[int], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,7 @@ def restore(
         manifest = Manifest.load(path)
         compat.check_host(manifest, hostinfo.current(str(criu.version)))
         gpu_plan = GpuRestorePlan.for_manifest(manifest, request.gpu_map)
-        if busy := _pids_in_use(manifest):
+        if request.check_pids and (busy := _pids_in_use(manifest)):
             raise UsageError(
                 f"PID {busy[0]} is in use, and snapshot {name!r} needs it",
                 hint="stop that process (an earlier restore of this snapshot?) and retry",
@@ -145,6 +151,8 @@ def restore(
                 proc.continue_tree(root_pid)
             if gpu_plan:
                 with timer.phase("gpu-restore", sum(g.device_memory_bytes for g in manifest.gpus)):
+                    if request.pid_map is not None:
+                        gpu_plan = gpu_plan.with_pids(request.pid_map)
                     gpu_plan.restore()
             if request.control_dir is not None:
                 with timer.phase("handover"):
