@@ -83,3 +83,9 @@ class Cancelled(WarmstartError):
     """The operation was cancelled; nothing it started is left behind."""
 
     exit_code = 130
+
+
+class Untrusted(WarmstartError):
+    """A snapshot is unsigned, wrongly signed, or signed by a key this node does not trust."""
+
+    exit_code = 65
