@@ -25,7 +25,7 @@ def fail(exc: WarmstartError) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from warmstart.cli import commands, doctor, workers  # noqa: F401  (they register themselves)
+    from warmstart.cli import commands, doctor, remote, workers  # noqa: F401  (they register themselves)
 
     try:
         app(args=argv, prog_name="warmstart", standalone_mode=True)
