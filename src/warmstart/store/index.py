@@ -164,6 +164,15 @@ class Envelope(_Model):
     index: str
     signature: Signature | None = None
 
+    @field_validator("index")
+    @classmethod
+    def _utf8(cls, v: str) -> str:
+        try:
+            v.encode()
+        except UnicodeEncodeError:
+            raise ValueError("index is not valid UTF-8 text") from None
+        return v
+
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
 
