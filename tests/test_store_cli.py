@@ -131,3 +131,52 @@ def test_kill_mid_upload_then_resume(store_url: str, tmp_path: Path) -> None:
     assert again["uploaded_chunks"] == again["chunks"] - again["present_chunks"]
     cli("pull", store_url, "big", "--store", str(dst))
     assert tree_bytes(dst / "big") == tree_bytes(src / "big")
+
+
+@pytest.mark.criu
+def test_checkpoint_to_url_and_restore_from_url(tree_factory, s3_url: str, tmp_path: Path) -> None:
+    """A real CRIU snapshot crosses an S3 store, signed, to a 'second node' that trusts the key."""
+    from _support import Tree
+
+    tree = tree_factory(mem_mib=64)
+    before = tree.digests()
+    keys = tmp_path / "keys"
+    cli("key", "generate", "node", "--dir", str(keys))
+    node_a, node_b = tmp_path / "node-a", tmp_path / "node-b"
+    taken = json.loads(
+        cli(
+            "checkpoint", "--pid", str(tree.pid), "--name", "crossed", "--store", s3_url,
+            "--sign", str(keys / "node.key"), "--json", env={"WARMSTART_STORE": str(node_a)},
+        ).stdout
+    )  # fmt: skip
+    assert taken["pushed"]["uploaded_bytes"] > 64 << 20 and (node_a / "crossed").is_dir()
+    tree.popen.wait(timeout=10)
+    at_checkpoint = tree.status()
+
+    # an untrusting node refuses before it pulls a byte
+    refused = cli(
+        "restore", f"{s3_url}/crossed", "--store", str(node_b), check=False,
+        env={"WARMSTART_TRUSTED_KEYS": str(tmp_path / "nobody.pub")},
+    )  # fmt: skip
+    one_error(refused, "does not exist")
+    other = tmp_path / "other-keys"
+    cli("key", "generate", "other", "--dir", str(other))
+    one_error(
+        cli("restore", f"{s3_url}/crossed", "--store", str(node_b), check=False,
+            env={"WARMSTART_TRUSTED_KEYS": str(other)}),
+        "unknown key",
+    )  # fmt: skip
+    assert not (node_b / "crossed").exists()
+
+    restored = json.loads(
+        cli("restore", f"{s3_url}/crossed", "--store", str(node_b), "--json",
+            env={"WARMSTART_TRUSTED_KEYS": str(keys)}).stdout
+    )  # fmt: skip
+    back = Tree(tree.state, None, restored["pid"])
+    try:
+        now = back.wait_progress()
+        assert now["counter"] > at_checkpoint["counter"]
+        assert back.digests() == before
+    finally:
+        back.kill()
+    assert (node_b / "crossed" / "manifest.json").is_file()
