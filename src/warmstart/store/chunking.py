@@ -12,6 +12,10 @@ memory speed (numpy, ~tens of GB/s); the chunk's BLAKE3 covers every byte.
 
 from __future__ import annotations
 
+import io
+import mmap
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -60,39 +64,58 @@ def candidates(block: memoryview | bytes, mask: int) -> np.ndarray:
     return np.flatnonzero(((fp >> np.uint64(40)) & np.uint64(mask)) == 0)
 
 
-def chunks(f: BinaryIO, params: ChunkParams = ChunkParams()) -> Iterator[bytes]:
-    """The chunks of a file, in order; together exactly its bytes."""
+def boundaries(view: memoryview | bytes, params: ChunkParams = ChunkParams()) -> Iterator[int]:
+    """End offsets of the chunks of ``view``, in order; the last one is ``len(view)``."""
     mask = params.avg // PAGE - 1
-    buf = bytearray()
-    scanned = 0  # bytes of buf already searched for candidates
-    while True:
-        block = f.read(params.read_block)
-        eof = not block
-        buf += block
-        # search the newly complete pages of buf
-        full = len(buf) // PAGE * PAGE
-        cut_points: list[int] = []
-        if full > scanned:
-            pages = candidates(memoryview(buf)[scanned:full], mask)
-            cut_points = [scanned + (int(i) + 1) * PAGE for i in pages]
-        scanned = full
-        start = 0
-        for cut in cut_points:
+    n = len(view)
+    full = n // PAGE * PAGE
+    start = scanned = 0
+    while scanned < full:
+        end = min(scanned + params.read_block, full)
+        for i in candidates(view[scanned:end], mask).tolist():
+            cut = scanned + (i + 1) * PAGE
             while cut - start > params.max:
-                yield bytes(buf[start : start + params.max])
                 start += params.max
+                yield start
             if cut - start >= params.min:
-                yield bytes(buf[start:cut])
                 start = cut
-        if eof:
-            while len(buf) - start > params.max:
-                yield bytes(buf[start : start + params.max])
-                start += params.max
-            if len(buf) > start:
-                yield bytes(buf[start:])
-            return
-        while scanned - start > params.max:
-            yield bytes(buf[start : start + params.max])
-            start += params.max
-        del buf[:start]
-        scanned -= start
+                yield cut
+        scanned = end
+    while n - start > params.max:
+        start += params.max
+        yield start
+    if n > start:
+        yield n
+
+
+def chunks(f: BinaryIO, params: ChunkParams = ChunkParams()) -> Iterator[bytes]:
+    """The chunks of a file, in order; together exactly its bytes.
+
+    A regular file is mapped (no copy but the one into each chunk); anything
+    else is read whole.
+    """
+    try:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        mappable = stat.S_ISREG(os.fstat(fd).st_mode)
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        mappable = False
+    if not mappable:
+        data = f.read()
+        start = 0
+        for end in boundaries(data, params):
+            yield data[start:end]
+            start = end
+        return
+    if size == 0:
+        return
+    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
+        mm.madvise(mmap.MADV_SEQUENTIAL)
+        view = memoryview(mm)
+        try:
+            start = 0
+            for end in boundaries(view, params):
+                yield bytes(view[start:end])
+                start = end
+        finally:
+            view.release()
