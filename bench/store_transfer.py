@@ -137,7 +137,7 @@ def throughput(work: Path, args: argparse.Namespace) -> dict[str, object]:
 
     # directory store vs cp
     url = f"file://{work / 'dirstore'}"
-    s, r = timed(lambda: RemoteStore.open(url, jobs=args.jobs).push(src, "snap", params=params))
+    s, _ = timed(lambda: RemoteStore.open(url, jobs=args.jobs).push(src, "snap", params=params))
     out["file_push_gbps"] = gbps(logical, s)
     s, _ = timed(lambda: RemoteStore.open(url, jobs=args.jobs).pull("snap", LocalStore(work / "p1")))
     out["file_pull_gbps"] = gbps(logical, s)

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from _support import wait_for
+
 from warmstart.snapshot.manifest import FileEntry, HostInfo, Manifest, ProcessTree
 from warmstart.store.integrity import digest_file
 from warmstart.store.local import LocalStore

@@ -10,17 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from _store_support import (  # noqa: F401  (fixtures)
-    file_url,
-    make_snapshot,
-    s3_endpoint,
-    s3_url,
-    snapshot_files,
-    store_url,
-    tree_bytes,
-)
+from _store_support import make_snapshot, snapshot_files, tree_bytes
 from _support import wait_for
+
 from warmstart.store.local import LocalStore
 from warmstart.store.remote import RemoteStore
 

@@ -10,17 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from _store_support import make_snapshot, pages, snapshot_files, tree_bytes
 
-from _store_support import (  # noqa: F401  (fixtures)
-    file_url,
-    make_snapshot,
-    pages,
-    s3_endpoint,
-    s3_url,
-    snapshot_files,
-    store_url,
-    tree_bytes,
-)
 from warmstart.errors import NotFoundError, SnapshotCorrupt, Untrusted, UsageError
 from warmstart.store.chunking import ChunkParams
 from warmstart.store.local import LocalStore
@@ -385,3 +376,20 @@ def test_chunk_objects_are_named_by_content(file_url: str, tmp_path: Path) -> No
         digest = o.key.rsplit("/", 1)[-1]
         assert chunk_key(digest) == o.key
         assert blake3.blake3(remote.backend.get(o.key)).hexdigest() == digest
+
+
+def test_index_naming_a_directory_as_file_is_refused(file_url: str, tmp_path: Path) -> None:
+    """A (signed or not) index may not make pull write over the staging layout."""
+    src, dst = LocalStore(tmp_path / "a"), LocalStore(tmp_path / "b")
+    make_snapshot(src, "w", snapshot_files(16, mib=1))
+    remote = RemoteStore.open(file_url)
+    remote.push(src, "w", params=SMALL)
+    env = json.loads(remote.backend.get(index_key("w")))
+    index = json.loads(env["index"])
+    clash = next(f for f in index["files"] if f["path"] == "logs/dump.log")
+    clash["path"] = "logs"  # 'logs' is a directory of every staging snapshot
+    env["index"] = json.dumps(index)
+    remote.backend.put(index_key("w"), json.dumps(env).encode())
+    with pytest.raises(SnapshotCorrupt, match="directory"):
+        remote.pull("w", dst, trust=_no_trust())
+    assert dst.entries() == [] and list((dst.root / ".staging").iterdir()) == []

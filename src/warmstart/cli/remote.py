@@ -61,7 +61,7 @@ def is_url(value: str | None) -> bool:
 def split_snapshot_url(url: str) -> tuple[str, str]:
     """``s3://bucket/prefix/NAME`` -> (``s3://bucket/prefix``, ``NAME``)."""
     base, sep, name = url.rstrip("/").rpartition("/")
-    if not sep or not name or base.endswith(":/") or base.endswith(":"):
+    if not sep or not name or base.endswith((":/", ":")):
         raise UsageError(
             f"{url!r} names no snapshot", hint="write STORE_URL/NAME, e.g. s3://bucket/snapshots/qwen"
         )

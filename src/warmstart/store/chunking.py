@@ -53,6 +53,9 @@ class ChunkParams:
         return cls(avg=avg, min=max(PAGE, avg // 4), max=min(MAX_CHUNK, avg * 4))
 
 
+DEFAULT_PARAMS = ChunkParams()
+
+
 def candidates(block: memoryview | bytes, mask: int) -> np.ndarray:
     """Indexes of the full pages of ``block`` after which a boundary may fall."""
     n = len(block) // PAGE
@@ -64,7 +67,7 @@ def candidates(block: memoryview | bytes, mask: int) -> np.ndarray:
     return np.flatnonzero(((fp >> np.uint64(40)) & np.uint64(mask)) == 0)
 
 
-def boundaries(view: memoryview | bytes, params: ChunkParams = ChunkParams()) -> Iterator[int]:
+def boundaries(view: memoryview | bytes, params: ChunkParams = DEFAULT_PARAMS) -> Iterator[int]:
     """End offsets of the chunks of ``view``, in order; the last one is ``len(view)``."""
     mask = params.avg // PAGE - 1
     n = len(view)
@@ -88,7 +91,7 @@ def boundaries(view: memoryview | bytes, params: ChunkParams = ChunkParams()) ->
         yield n
 
 
-def chunks(f: BinaryIO, params: ChunkParams = ChunkParams()) -> Iterator[bytes]:
+def chunks(f: BinaryIO, params: ChunkParams = DEFAULT_PARAMS) -> Iterator[bytes]:
     """The chunks of a file, in order; together exactly its bytes.
 
     A regular file is mapped (no copy but the one into each chunk); anything

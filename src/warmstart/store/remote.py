@@ -46,7 +46,7 @@ import blake3
 from warmstart.errors import NotFoundError, SnapshotCorrupt, StoreError, UsageError
 from warmstart.snapshot.manifest import MANIFEST_NAME, Manifest
 from warmstart.store.backend import Backend, ObjectExists, ObjectMissing, open_backend
-from warmstart.store.chunking import ChunkParams, chunks
+from warmstart.store.chunking import DEFAULT_PARAMS, ChunkParams, chunks
 from warmstart.store.index import (
     ChunkRef,
     Envelope,
@@ -54,7 +54,7 @@ from warmstart.store.index import (
     SnapshotIndex,
     parse_envelope,
 )
-from warmstart.store.local import LocalStore, Staging, check_name
+from warmstart.store.local import LocalStore, check_name
 from warmstart.store.signing import SigningKey, TrustDecision, TrustPolicy
 
 LEASE_TTL = 300.0
@@ -79,13 +79,33 @@ def _digest(data: bytes | memoryview) -> str:
     return blake3.blake3(data).hexdigest()
 
 
+def _create(root: Path, rel: str) -> int:
+    """Open ``root/rel`` for writing (0600), its missing directories 0700; never through a symlink."""
+    path = root
+    try:
+        for part in rel.split("/")[:-1]:
+            path = path / part
+            try:
+                path.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
+        return os.open(root / rel, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except (IsADirectoryError, NotADirectoryError, FileExistsError):
+        raise SnapshotCorrupt(
+            f"the index lists {rel} where the snapshot has a directory or a file already",
+            hint="the pushed snapshot is malformed; do not restore it",
+        ) from None
+    except OSError as exc:
+        raise StoreError(f"cannot write {root / rel}: {exc.strerror}") from None
+
+
 class Progress:
     """Receives transfer progress; the CLI draws a bar from it."""
 
-    def start(self, total: int, what: str) -> None:  # noqa: D102
+    def start(self, total: int, what: str) -> None:
         pass
 
-    def advance(self, nbytes: int) -> None:  # noqa: D102
+    def advance(self, nbytes: int) -> None:
         pass
 
 
@@ -179,7 +199,7 @@ class Lease:
         self.backend = backend
         self.key = f"locks/{kind}-{uuid.uuid4().hex}.json"
         self.body = json.dumps(
-            {"kind": kind, "what": what, "host": socket.gethostname(), "pid": os.getpid()}
+            {"kind": kind, "what": what, "host": socket.gethostname(), "pid": os.getpid(), "id": self.key}
         ).encode()
         self.heartbeat = heartbeat
         self._stop = threading.Event()
@@ -287,23 +307,35 @@ class RemoteStore:
             if o.key.startswith(f"locks/{kind}-") and now - o.mtime < self.lease_ttl
         ]
 
-    def _gc_mark(self) -> float | None:
-        info = self.backend.head("gc-last.json")
-        return info.mtime if info else None
+    def _gc_mark(self) -> bytes | None:
+        """Who collected last (each collection writes its unique lease body)."""
+        try:
+            return self.backend.get("gc-last.json")
+        except ObjectMissing:
+            return None
+
+    def _outlive_gcs(self, lease: Lease, deadline: float) -> None:
+        """Wait until the collections whose leases are live now are over.
+
+        Collections that start later see this push's (fresh) lease and back
+        off, so only those already running matter; waiting for "no live gc
+        lease at all" could starve behind a collector that keeps retrying.
+        """
+        running = set(self._live("gc", lease.refresh()))
+        while running:
+            if time.monotonic() > deadline:
+                raise StoreBusy(
+                    f"{self.url} is being garbage-collected",
+                    hint="push again in a minute (chunks already sent are kept)",
+                )
+            time.sleep(min(0.5, self.heartbeat))
+            running &= set(self._live("gc", lease.refresh()))
 
     @contextmanager
     def _push_lease(self, name: str, *, wait: float) -> Iterator[Lease]:
         with Lease(self.backend, "push", name, heartbeat=self.heartbeat) as lease:
-            deadline = time.monotonic() + wait
-            now = lease.now
-            while self._live("gc", now):
-                if time.monotonic() > deadline:
-                    raise StoreBusy(
-                        f"{self.url} is being garbage-collected",
-                        hint="push again in a minute (chunks already sent are kept)",
-                    )
-                time.sleep(min(1.0, self.heartbeat))
-                now = lease.refresh()
+            lease.deadline = time.monotonic() + wait  # type: ignore[attr-defined]
+            self._outlive_gcs(lease, lease.deadline)  # type: ignore[attr-defined]
             lease.gc_seen = self._gc_mark()  # type: ignore[attr-defined]
             yield lease
 
@@ -315,7 +347,7 @@ class RemoteStore:
         *,
         as_name: str | None = None,
         sign: SigningKey | None = None,
-        params: ChunkParams = ChunkParams(),
+        params: ChunkParams = DEFAULT_PARAMS,
         progress: Progress | None = None,
         limit_rate: float | None = None,
         gc_wait: float = 600.0,
@@ -403,8 +435,11 @@ class RemoteStore:
             # A collection that ran while this push held no live lease (stalled
             # past the TTL) may have removed chunks found present: refuse to
             # publish an index that could point at them.
-            lease.refresh()
-            if self._gc_mark() != lease.gc_seen or self._live("gc", lease.refresh()):  # type: ignore[attr-defined]
+            # Collections running now either back off (they see the fresh
+            # lease) or, if they started while it had lapsed, finish and
+            # change the mark; so wait for them, then compare.
+            self._outlive_gcs(lease, time.monotonic() + self.lease_ttl)
+            if self._gc_mark() != lease.gc_seen:  # type: ignore[attr-defined]
                 raise StoreBusy(
                     f"a garbage collection of {self.url} ran while this push was stalled",
                     hint="push again (chunks already sent are skipped)",
@@ -466,9 +501,13 @@ class RemoteStore:
                 continue
             out.append(
                 RemoteSnapshot(
-                    name, idx.snapshot_id, idx.logical_bytes, idx.pushed_at, idx.pushed_from,
+                    name,
+                    idx.snapshot_id,
+                    idx.logical_bytes,
+                    idx.pushed_at,
+                    idx.pushed_from,
                     env.signature.key_id if env.signature else None,
-                )  # fmt: skip
+                )
             )
         return out
 
@@ -532,9 +571,15 @@ class RemoteStore:
                     return
             data = fetch(ref, where)
             view = memoryview(data)
-            while view:
-                n = os.pwrite(fd, view, offset)
-                view, offset = view[n:], offset + n
+            try:
+                while view:
+                    n = os.pwrite(fd, view, offset)
+                    view, offset = view[n:], offset + n
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot write {staging.path / where}: {exc.strerror}",
+                    hint="free space in the local store and pull again (it resumes)",
+                ) from None
             progress.advance(ref.size)
 
         manifest: Manifest | None = None
@@ -549,12 +594,13 @@ class RemoteStore:
                     )
                     progress.advance(f.size)
                     continue
-                target = staging.path / f.path
-                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                fd = _create(staging.path, f.path)
                 fds.append(fd)
-                os.fchmod(fd, f.mode & 0o700)
-                os.ftruncate(fd, f.size)
+                try:
+                    os.fchmod(fd, f.mode & 0o700)
+                    os.ftruncate(fd, f.size)
+                except OSError as exc:
+                    raise StoreError(f"cannot write {staging.path / f.path}: {exc.strerror}") from None
                 offset = 0
                 for c in f.chunks:
                     pool.submit(place, fd, c, offset, f.path)

@@ -83,7 +83,7 @@ class SigningKey:
     pem: bytes
 
     def public(self) -> PublicKey:
-        ed25519, serialization, _ = _crypto()
+        _ed25519, serialization, _ = _crypto()
         priv = serialization.load_pem_private_key(self.pem, password=None)
         raw = priv.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
