@@ -393,3 +393,17 @@ def test_index_naming_a_directory_as_file_is_refused(file_url: str, tmp_path: Pa
     with pytest.raises(SnapshotCorrupt, match="directory"):
         remote.pull("w", dst, trust=_no_trust())
     assert dst.entries() == [] and list((dst.root / ".staging").iterdir()) == []
+
+
+def test_gc_sweeps_temp_files_of_killed_writers(file_url: str, tmp_path: Path) -> None:
+    root = Path(file_url.removeprefix("file://"))
+    src = LocalStore(tmp_path / "a")
+    make_snapshot(src, "w", snapshot_files(17, mib=1))
+    remote = RemoteStore.open(file_url, lease_ttl=1.0)
+    remote.push(src, "w", params=SMALL)
+    old, fresh = root / ".tmp" / "dead.part", root / ".tmp" / "live.part"
+    old.write_bytes(b"half a chunk")
+    fresh.write_bytes(b"being written")
+    os.utime(old, (time.time() - 60, time.time() - 60))
+    remote.gc(grace=0)
+    assert not old.exists() and fresh.exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,6 +51,10 @@ class Backend(Protocol):
 
     def delete(self, key: str) -> None: ...
 
+    def flush(self) -> None:
+        """Make every put so far durable (before publishing what refers to them)."""
+        ...
+
 
 class FileBackend:
     """Objects as files below a directory (local disk, NFS, a Kubernetes PVC).
@@ -62,6 +67,8 @@ class FileBackend:
         self.root = Path(root)
         self.durable = durable
         self.url = f"file://{self.root}"
+        self._dirty: set[Path] = set()
+        self._lock = threading.Lock()
 
     def _path(self, key: str) -> Path:
         return self.root / key
@@ -108,6 +115,11 @@ class FileBackend:
                     raise ObjectExists(f"{self.url}/{key} already exists") from None
             else:
                 os.replace(tmp, final)
+            if self.durable:
+                with self._lock:
+                    self._dirty.add(final.parent)
+                if exclusive:  # a publication: durable before it returns
+                    self.flush()
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise StoreError(f"no space left in {self.root}", hint="free space or run `warmstart store gc`") from None
@@ -151,8 +163,15 @@ class FileBackend:
         except OSError as exc:
             raise StoreError(f"cannot remove {self._path(key)}: {exc.strerror}") from None
 
-    def touch(self, key: str) -> None:
-        os.utime(self._path(key))
+    def flush(self) -> None:
+        with self._lock:
+            dirs, self._dirty = self._dirty, set()
+        for d in sorted(dirs):
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 class S3Backend:
@@ -255,6 +274,9 @@ class S3Backend:
                     yield ObjectInfo(obj["Key"][strip:], obj["Size"], obj["LastModified"].timestamp())
         except (ClientError, BotoCoreError) as exc:
             raise self._fail(exc, "cannot list") from None
+
+    def flush(self) -> None:
+        """Nothing to do: a completed PUT is durable."""
 
     def delete(self, key: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -430,6 +430,7 @@ class RemoteStore:
                     for p, st, futs in planned
                 ],
             )
+            self.backend.flush()  # chunks durable before the index that names them
             body = index.to_bytes()
             envelope = Envelope(index=body.decode(), signature=sign.sign(body) if sign else None)
             # A collection that ran while this push held no live lease (stalled
@@ -714,6 +715,10 @@ class RemoteStore:
                 self.backend.delete(obj.key)
             result.deleted_chunks += 1
             result.deleted_bytes += obj.size
+        # temp files of killed writers (file:// stores only; S3 has none)
+        for obj in list(self.backend.list(".tmp/")):
+            if lease.now - obj.mtime >= max(grace, self.lease_ttl) and not dry_run:
+                self.backend.delete(obj.key)
         if not dry_run:
             self.backend.put("gc-last.json", lease.body)
         return result
