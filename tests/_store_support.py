@@ -62,6 +62,7 @@ def snapshot_files(seed: int, mib: int = 8) -> dict[str, bytes]:
         "images/pagemap-1.img": os.urandom(3000),
         "images/core-1.img": b"core" * 100,
         "logs/dump.log": b"dump ok\n",
+        "images/empty.img": b"",
     }
 
 

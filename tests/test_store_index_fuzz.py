@@ -147,3 +147,45 @@ def test_chunks_cover_the_input_exactly(data: bytes, avg: int) -> None:
     assert b"".join(pieces) == data
     assert all(0 < len(p) <= params.max for p in pieces)
     assert all(len(p) >= params.min for p in pieces[:-1])
+
+
+_TRUST: dict[str, object] = {}
+
+
+def _trust():  # type: ignore[no-untyped-def]
+    if not _TRUST:
+        import tempfile
+        from pathlib import Path
+
+        from warmstart.store.signing import SigningKey, TrustPolicy, generate
+
+        d = Path(tempfile.mkdtemp())
+        key, pub, public = generate("k", d)
+        _TRUST.update(policy=TrustPolicy.from_sources([pub]), key=SigningKey.load(key), kid=public.key_id)
+    return _TRUST
+
+
+@SETTINGS
+@given(st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=", max_size=120),
+       st.booleans(), st.binary(max_size=200))
+def test_signature_check_never_crashes(value: str, known: bool, index: bytes) -> None:
+    from warmstart.errors import Untrusted
+    from warmstart.store.index import Signature
+
+    t = _trust()
+    raw = {"format": "warmstart-index/1", "index": index.decode("latin-1"),
+           "signature": {"algorithm": "ed25519", "key_id": t["kid"] if known else "0" * 16, "value": value}}  # fmt: skip
+    try:
+        env = parse_envelope(json.dumps(raw).encode())
+    except SnapshotCorrupt:
+        return
+    try:
+        t["policy"].check(env, what="fuzzed")
+    except Untrusted as exc:
+        assert _is_clear(exc)
+    else:
+        raise AssertionError("a random signature verified")
+    # and the real signature over the same bytes does verify
+    good = Envelope(index=env.index, signature=t["key"].sign(env.index.encode()))
+    assert t["policy"].check(good, what="signed").trusted
+    assert isinstance(good.signature, Signature)
