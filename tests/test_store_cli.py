@@ -70,6 +70,8 @@ def test_push_sign_pull_trust_stats_gc(store_url: str, tmp_path: Path) -> None:
     stats = json.loads(cli("store", "stats", store_url, "--json").stdout)
     assert stats["snapshots"] == 3 and stats["dedup_ratio"] == pytest.approx(3.0, rel=0.01)
     assert "dedup" in cli("store", "stats", store_url).stdout
+    checked = json.loads(cli("store", "verify", store_url, "--json").stdout)
+    assert checked["chunks"] == stats["chunks"] and checked["bad"] == []
 
     cli("store", "rm", store_url, "w-rogue", "w-plain", "w")
     gc = json.loads(cli("store", "gc", store_url, "--grace", "0", "--json").stdout)

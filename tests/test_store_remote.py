@@ -164,6 +164,14 @@ def test_corrupt_chunk_is_refused(store_url: str, tmp_path: Path) -> None:
         remote.pull("w", dst, trust=_no_trust())
     assert dst.entries() == []
     assert list((dst.root / ".staging").iterdir()) == []
+    # verify finds it; repair deletes it; a push of the snapshot sends it again
+    found = remote.verify()
+    assert found.bad == [victim.key.rsplit("/", 1)[-1]] and found.chunks == len(list(remote.backend.list("chunks/")))
+    assert remote.verify(repair=True).repaired
+    remote.remove("w")
+    assert remote.push(src, "w", params=SMALL).uploaded_chunks == 1
+    assert remote.verify().bad == []
+    assert tree_bytes(remote.pull("w", dst, trust=_no_trust()).path) == tree_bytes(src.path_of("w"))
 
 
 def test_missing_snapshot_is_a_clear_error(store_url: str, tmp_path: Path) -> None:

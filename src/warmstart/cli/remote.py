@@ -363,6 +363,28 @@ def store_gc(
     )
 
 
+@store_app.command("verify")
+def store_verify(
+    url: Annotated[str, typer.Argument(help="Store URL.")],
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Delete damaged chunks (the next push re-sends them).")
+    ] = False,
+    jobs: JobsOpt = 8,
+    json_out: JsonOpt = False,
+) -> None:
+    """Read back every chunk and check its BLAKE3 digest."""
+    with progress_bar(not json_out) as bar:
+        r = _remote(url, jobs).verify(repair=repair, progress=bar)
+    if json_out:
+        emit_json(dataclasses.asdict(r))
+    else:
+        console.print(f"checked {r.chunks} chunks ({human_bytes(r.bytes)}): {len(r.bad)} damaged")
+        for d in r.bad:
+            console.print(f"  [red]damaged[/] {d}" + (" (deleted)" if repair else ""))
+    if r.bad and not repair:
+        raise typer.Exit(65)
+
+
 @store_app.command("rm")
 def store_rm(
     url: Annotated[str, typer.Argument(help="Store URL.")],

@@ -45,7 +45,7 @@ import blake3
 
 from warmstart.errors import NotFoundError, SnapshotCorrupt, StoreError, UsageError
 from warmstart.snapshot.manifest import MANIFEST_NAME, Manifest
-from warmstart.store.backend import Backend, ObjectExists, ObjectMissing, open_backend
+from warmstart.store.backend import Backend, ObjectExists, ObjectInfo, ObjectMissing, open_backend
 from warmstart.store.chunking import DEFAULT_PARAMS, ChunkParams, chunks
 from warmstart.store.index import (
     ChunkRef,
@@ -180,6 +180,15 @@ class StoreStats:
     @property
     def dedup_ratio(self) -> float:
         return self.logical_bytes / self.referenced_bytes if self.referenced_bytes else 1.0
+
+
+@dataclass
+class VerifyResult:
+    url: str
+    chunks: int = 0
+    bytes: int = 0
+    bad: list[str] = field(default_factory=list)
+    repaired: bool = False
 
 
 @dataclass
@@ -433,12 +442,11 @@ class RemoteStore:
             self.backend.flush()  # chunks durable before the index that names them
             body = index.to_bytes()
             envelope = Envelope(index=body.decode(), signature=sign.sign(body) if sign else None)
-            # A collection that ran while this push held no live lease (stalled
-            # past the TTL) may have removed chunks found present: refuse to
-            # publish an index that could point at them.
-            # Collections running now either back off (they see the fresh
-            # lease) or, if they started while it had lapsed, finish and
-            # change the mark; so wait for them, then compare.
+            # A collection that ran while this push's lease had lapsed (stalled
+            # past the TTL) may have removed chunks found present: never
+            # publish an index that could name them. Collections running now
+            # either back off (they see the fresh lease) or started while it
+            # had lapsed and will change the mark: wait for them, then compare.
             self._outlive_gcs(lease, time.monotonic() + self.lease_ttl)
             if self._gc_mark() != lease.gc_seen:  # type: ignore[attr-defined]
                 raise StoreBusy(
@@ -632,6 +640,37 @@ class RemoteStore:
         if ok:
             result.path = local.publish(staging, manifest, durable=durable)
         result.seconds = time.perf_counter() - t0
+        return result
+
+    def verify(self, *, repair: bool = False, progress: Progress | None = None) -> VerifyResult:
+        """Read every chunk back and check its BLAKE3; with ``repair``, delete the bad ones.
+
+        A deleted chunk is sent again by the next push of any snapshot that has it.
+        """
+        result = VerifyResult(self.url)
+        objs = list(self.backend.list("chunks/"))
+        progress = progress or Progress()
+        progress.start(sum(o.size for o in objs), "verify")
+        lock = threading.Lock()
+
+        def check(obj: ObjectInfo) -> None:
+            digest = obj.key.rsplit("/", 1)[-1]
+            try:
+                ok = _digest(self.backend.get(obj.key)) == digest
+            except ObjectMissing:  # collected meanwhile
+                return
+            with lock:
+                result.chunks += 1
+                result.bytes += obj.size
+                if not ok:
+                    result.bad.append(digest)
+            if not ok and repair:
+                self.backend.delete(obj.key)
+            progress.advance(obj.size)
+
+        with ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="verify") as pool:
+            list(pool.map(check, objs))
+        result.repaired = repair and bool(result.bad)
         return result
 
     # -- accounting and collection -------------------------------------------
