@@ -26,7 +26,7 @@ from rich.table import Table
 from warmstart.cli.app import app
 from warmstart.cli.commands import JsonOpt, StoreOpt, open_store
 from warmstart.cli.output import console, emit_json, err_console, human_bytes
-from warmstart.errors import NotFoundError, UsageError
+from warmstart.errors import EnvironmentProblem, NotFoundError, UsageError
 from warmstart.store.local import DEFAULT_ROOT, STORE_ENV, LocalStore
 
 store_app = typer.Typer(help="Inspect and maintain remote snapshot stores.", no_args_is_help=True)
@@ -124,8 +124,13 @@ def progress_bar(enabled: bool) -> Iterator[BarProgress]:
 
 
 def _remote(url: str, jobs: int = 8):  # type: ignore[no-untyped-def]
-    from warmstart.store.remote import RemoteStore
-
+    try:
+        from warmstart.store.remote import RemoteStore
+    except ImportError as exc:
+        raise EnvironmentProblem(
+            f"remote stores need the 'store' extra ({exc.name} is missing)",
+            hint="pip install 'warmstart[store]'",
+        ) from None
     return RemoteStore.open(url, jobs=jobs)
 
 
