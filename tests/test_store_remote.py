@@ -415,3 +415,14 @@ def test_gc_sweeps_temp_files_of_killed_writers(file_url: str, tmp_path: Path) -
     os.utime(old, (time.time() - 60, time.time() - 60))
     remote.gc(grace=0)
     assert not old.exists() and fresh.exists()
+
+
+def test_unindexable_local_file_is_a_clear_error(file_url: str, tmp_path: Path) -> None:
+    from warmstart.errors import StoreError
+
+    src = LocalStore(tmp_path / "a")
+    make_snapshot(src, "w", {**snapshot_files(18, mib=1), "images/odd\\name": b"x"})
+    (src.path_of("w") / ".hidden").write_bytes(b"not pushed")
+    with pytest.raises(StoreError, match="cannot index snapshot 'w'"):
+        RemoteStore.open(file_url).push(src, "w", params=SMALL)
+    assert RemoteStore.open(file_url).snapshots() == []

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import blake3
+from pydantic import ValidationError
 
 from warmstart.errors import NotFoundError, SnapshotCorrupt, StoreError, UsageError
 from warmstart.snapshot.manifest import MANIFEST_NAME, Manifest
@@ -60,7 +61,6 @@ from warmstart.store.signing import SigningKey, TrustDecision, TrustPolicy
 LEASE_TTL = 300.0
 HEARTBEAT = 30.0
 GC_GRACE = 3600.0
-_OWNER_FILE = ".owner"
 
 
 class StoreBusy(StoreError):
@@ -380,7 +380,9 @@ class RemoteStore:
                 hint="push it under another name with --as, or remove it with `warmstart store rm`",
             )
         files = sorted(
-            p for p in path.rglob("*") if p.is_file() and not p.is_symlink() and p.name != _OWNER_FILE
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not p.is_symlink() and not p.relative_to(path).parts[0].startswith(".")
         )
         progress = progress or Progress()
         progress.start(sum(p.stat().st_size for p in files), f"push {remote_name}")
@@ -423,22 +425,25 @@ class RemoteStore:
                 pool.wait()
             finally:
                 pool.close()
-            index = SnapshotIndex(
-                name=remote_name,
-                snapshot_id=manifest.snapshot_id,
-                created_at=manifest.created_at,
-                pushed_at=dt.datetime.now(dt.timezone.utc),
-                pushed_from=socket.gethostname()[:256],
-                files=[
-                    FileRef(
-                        path=str(p.relative_to(path)),
-                        size=sum(f.result().size for f in futs),
-                        mode=st.st_mode & 0o777,
-                        chunks=[f.result() for f in futs],
-                    )
-                    for p, st, futs in planned
-                ],
-            )
+            try:
+                index = SnapshotIndex(
+                    name=remote_name,
+                    snapshot_id=manifest.snapshot_id,
+                    created_at=manifest.created_at,
+                    pushed_at=dt.datetime.now(dt.timezone.utc),
+                    pushed_from=socket.gethostname()[:256],
+                    files=[
+                        FileRef(
+                            path=str(p.relative_to(path)),
+                            size=sum(f.result().size for f in futs),
+                            mode=st.st_mode & 0o777,
+                            chunks=[f.result() for f in futs],
+                        )
+                        for p, st, futs in planned
+                    ],
+                )
+            except ValidationError as exc:
+                raise self._unindexable(remote_name, exc) from None
             self.backend.flush()  # chunks durable before the index that names them
             body = index.to_bytes()
             envelope = Envelope(index=body.decode(), signature=sign.sign(body) if sign else None)
@@ -465,6 +470,14 @@ class RemoteStore:
         result.signed_by = envelope.signature.key_id if envelope.signature else None
         result.seconds = time.perf_counter() - t0
         return result
+
+    @staticmethod
+    def _unindexable(name: str, exc: ValidationError) -> StoreError:
+        first = exc.errors()[0]
+        return StoreError(
+            f"cannot index snapshot {name!r}: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}",
+            hint="the local snapshot directory holds a file a remote store cannot name",
+        )
 
     # -- reading -------------------------------------------------------------
     def _read_envelope(self, name: str, *, missing_ok: bool = False) -> Envelope | None:
