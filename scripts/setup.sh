@@ -36,5 +36,5 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   log "installing torch 2.13.0 (CPU build)"
   .venv/bin/pip install -q torch==2.13.0
 fi
-.venv/bin/pip install -q -e '.[test,serve,k8s,agent]'
+.venv/bin/pip install -q -e '.[test,serve,k8s,agent,store]'
 log "ready: $(.venv/bin/warmstart --help >/dev/null && echo 'warmstart installed in .venv')"

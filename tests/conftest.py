@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from _store_support import file_url, s3_endpoint, s3_url, store_url  # noqa: F401  (store fixtures)
 from _support import Tree, _children, start_tree
 
 

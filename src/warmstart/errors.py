@@ -91,3 +91,9 @@ class GmsUnavailable(EnvironmentProblem):
 
 class WeightsMismatch(Incompatible):
     """The GPU memory service holds (or would load) weights other than the ones expected."""
+
+
+class Untrusted(WarmstartError):
+    """A snapshot is unsigned, wrongly signed, or signed by a key this node does not trust."""
+
+    exit_code = 65

@@ -25,11 +25,7 @@ def fail(exc: WarmstartError) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> None:
-<<<<<<< HEAD
-    from warmstart.cli import commands, doctor, gms, workers  # noqa: F401  (they register themselves)
-=======
-    from warmstart.cli import agent, commands, doctor, workers  # noqa: F401  (they register themselves)
->>>>>>> agent
+    from warmstart.cli import agent, commands, doctor, gms, remote, workers  # noqa: F401  (they register themselves)
 
     try:
         app(args=argv, prog_name="warmstart", standalone_mode=True)

@@ -19,6 +19,14 @@ StoreOpt = Annotated[
     typer.Option("--store", envvar=STORE_ENV, help="Snapshot store directory.", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
+# checkpoint --store also takes a remote store URL (checkpoint locally, then push; cli/remote.py)
+StoreOrUrlOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--store", envvar=STORE_ENV, show_default=False,
+        help="Snapshot store directory, or a store URL (file:///PATH, s3://BUCKET/PREFIX) to push to.",
+    ),
+]
 
 
 def open_store(path: Path | None) -> LocalStore:
@@ -66,12 +74,18 @@ def checkpoint(
     label: Annotated[
         list[str], typer.Option("--label", help="KEY=VALUE recorded in the manifest.")
     ] = [],  # noqa: B006
-    store: StoreOpt = None,
+    sign: Annotated[
+        Optional[Path], typer.Option("--sign", help="With --store URL: sign the pushed index with this key.")
+    ] = None,
+    store: StoreOrUrlOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Snapshot the process tree rooted at PID into the store."""
+    from warmstart.cli.remote import check_push_target, do_push, is_url, push_report, working_store
     from warmstart.snapshot.checkpoint import CheckpointOptions
     from warmstart.snapshot.checkpoint import checkpoint as do_checkpoint
+
+    check_push_target(store, sign)  # --store URL: checkpoint locally, then push (below)
 
     options = CheckpointOptions(
         leave_running=leave_running,
@@ -87,8 +101,10 @@ def checkpoint(
         labels=parse_pairs(label),
     )
     with progress(not json_out, f"checkpointing PID {pid}") as on_phase:
-        result = do_checkpoint(pid, store=open_store(store), name=name, options=options, listener=on_phase)
+        local = working_store(store)
+        result = do_checkpoint(pid, store=local, name=name, options=options, listener=on_phase)
     m = result.manifest
+    pushed = do_push(local, m.name, store, sign=sign, show=not json_out) if is_url(store) else None
     if json_out:
         emit_json(
             {
@@ -99,6 +115,7 @@ def checkpoint(
                 "gpus": m.gpus,
                 "timings": result.timer.phases,
                 "total_seconds": result.timer.total,
+                **({"pushed": push_report(pushed)} if pushed else {}),
             }
         )
         return
@@ -107,11 +124,13 @@ def checkpoint(
         f"snapshot [bold]{m.name}[/] ({human_bytes(m.total_bytes)}, "
         f"{len(m.tree.processes)} processes, {len(m.gpus)} GPU) at {result.path}"
     )
+    if pushed:
+        console.print(f"pushed to {pushed.url} ({human_bytes(pushed.uploaded_bytes)} sent)")
 
 
 @app.command()
 def restore(
-    name: Annotated[str, typer.Argument(help="Snapshot name.")],
+    name: Annotated[str, typer.Argument(help="Snapshot name, or STORE_URL/NAME to pull it first.")],
     gpu_map: Annotated[
         list[str], typer.Option("--gpu-map", help="SRC=DST GPU (index or UUID), repeatable.")
     ] = [],  # noqa: B006
@@ -136,6 +155,10 @@ def restore(
     from warmstart.snapshot.restore import restore as do_restore
 
     s = open_store(store)
+    if "://" in name:  # restore URL: trust check and pull into the local store, then restore that
+        from warmstart.cli.remote import pull_for_restore
+
+        name = pull_for_restore(name, s, show=not json_out)
     manifest = s.manifest(name)
     control = control_dir or (
         Path(manifest.labels["control_dir"]) if "control_dir" in manifest.labels else None

@@ -129,6 +129,41 @@ class LocalStore:
         (path / _OWNER).write_text(f"{os.getpid()}\n")
         return Staging(name, path)
 
+    def begin_resumable(self, name: str, tag: str) -> tuple[Staging, bool]:
+        """Like :meth:`begin`, but at a fixed ``.staging/NAME.TAG`` that a later writer may resume.
+
+        Returns the staging directory and whether it was left by an earlier
+        writer (who is gone: a live one makes this a :class:`UsageError`).
+        """
+        check_name(name)
+        if not re.match(r"^[0-9a-z-]{1,64}$", tag):
+            raise UsageError(f"invalid staging tag {tag!r}")
+        self._ensure()
+        if (self.root / name).exists():
+            raise UsageError(
+                f"snapshot {name!r} already exists in {self.root}",
+                hint="choose another name or remove it with `warmstart rm`",
+            )
+        path = self.root / ".staging" / f"{name}.{tag}"
+        with self._locked():
+            resumed = path.is_dir()
+            if resumed:
+                try:
+                    owner = int((path / _OWNER).read_text())
+                except (OSError, ValueError):
+                    owner = 0
+                if owner and owner != os.getpid() and psutil.pid_exists(owner):
+                    raise UsageError(
+                        f"snapshot {name!r} is being written into {self.root} by PID {owner}",
+                        hint="wait for it to finish",
+                    )
+            else:
+                path.mkdir(mode=0o700)
+                (path / IMAGES_DIR).mkdir(mode=0o700)
+                (path / "logs").mkdir(mode=0o700)
+            (path / _OWNER).write_text(f"{os.getpid()}\n")
+        return Staging(name, path), resumed
+
     def publish(self, staging: Staging, manifest: Manifest, *, durable: bool = True) -> Path:
         """Write the manifest last, fsync, and make the snapshot visible atomically."""
         (staging.path / _OWNER).unlink(missing_ok=True)
