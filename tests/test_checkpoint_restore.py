@@ -14,7 +14,7 @@ from _support import Tree, wait_for, warmstart_cmd
 from warmstart.errors import SnapshotCorrupt
 from warmstart.host.process import kill_tree
 from warmstart.snapshot.checkpoint import CheckpointOptions, checkpoint
-from warmstart.snapshot.restore import restore
+from warmstart.snapshot.restore import RestoreRequest, restore
 from warmstart.store.local import LocalStore
 
 pytestmark = pytest.mark.criu
@@ -30,7 +30,10 @@ def _restored(tree: Tree, pid: int) -> Tree:
     return Tree(tree.state, None, pid)
 
 
-def test_restored_tree_continues_with_all_its_state(tree_factory, store_dir: Path) -> None:
+@pytest.mark.parametrize("parallel", [True, False], ids=["page-server", "criu-pages"])
+def test_restored_tree_continues_with_all_its_state(
+    tree_factory, store_dir: Path, parallel: bool
+) -> None:
     tree = tree_factory(mem_mib=256)
     before = tree.digests()
     store = LocalStore(store_dir)
@@ -42,7 +45,9 @@ def test_restored_tree_continues_with_all_its_state(tree_factory, store_dir: Pat
     assert result.manifest.total_bytes > 256 << 20
     assert {p.name for p in result.timer.phases} >= {"dump", "checksum", "publish"}
 
-    restored = restore("t1", store=store)
+    restored = restore("t1", store=store, request=RestoreRequest(parallel_pages=parallel))
+    phases = {p.name for p in restored.timer.phases}
+    assert ("page-fill" in phases) == parallel
     back = _restored(tree, restored.pid)
     try:
         now = back.wait_progress()

@@ -147,6 +147,16 @@ def restore(
     detach: Annotated[
         bool, typer.Option("--detach/--wait", help="Return once restored (default) or wait for exit.")
     ] = True,
+    parallel_pages: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--parallel-pages/--no-parallel-pages",
+            help="Fill memory with warmstart's page server (default: where userfaultfd is allowed).",
+        ),
+    ] = None,
+    page_threads: Annotated[
+        Optional[int], typer.Option("--page-threads", min=1, max=256, help="Page-server threads.")
+    ] = None,
     store: StoreOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -164,7 +174,12 @@ def restore(
         Path(manifest.labels["control_dir"]) if "control_dir" in manifest.labels else None
     )
     request = RestoreRequest(
-        gpu_map=tuple(gpu_map), verify=not no_verify, control_dir=control, env=parse_pairs(env)
+        gpu_map=tuple(gpu_map),
+        verify=not no_verify,
+        control_dir=control,
+        env=parse_pairs(env),
+        parallel_pages=parallel_pages,
+        page_threads=page_threads,
     )
     from warmstart.gms.preflight import prepare_restore
 

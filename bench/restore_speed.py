@@ -1,0 +1,183 @@
+"""Restore speed: warmstart's restore against the naive pipeline on the same snapshot.
+
+The snapshot is taken once by warmstart. Then, alternating, each round
+restores it with
+
+* naive: bare ``criu restore -d`` on the snapshot's images, then (GPU) the
+  driver's restore + unlock calls, nothing else;
+* warmstart: ``warmstart.snapshot.restore`` with its defaults (parallel page
+  server, checksums verified, hand-over to the worker),
+
+with the page cache warm and, with ``--cold``, after dropping it. A restore
+is timed until the tree runs with its GPU state back. With ``--model`` the
+worker is the reference server and warmstart's restores are also timed to
+the first completion on the restored worker. Run as root:
+
+    python bench/restore_speed.py --mib 2048 --rounds 3 --cold          # CPU tree
+    python bench/restore_speed.py --model DIR --device cuda --cold      # GPU worker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests"), str(ROOT / "bench")]
+
+from _support import Tree, start_tree  # noqa: E402
+
+from warmstart import protocol  # noqa: E402
+from warmstart.host.criu import DumpOptions, find_criu  # noqa: E402
+from warmstart.host.process import kill_tree  # noqa: E402
+from warmstart.snapshot.checkpoint import CheckpointOptions, checkpoint  # noqa: E402
+from warmstart.snapshot.manifest import IMAGES_DIR  # noqa: E402
+from warmstart.snapshot.restore import RestoreRequest, restore  # noqa: E402
+from warmstart.store.local import LocalStore  # noqa: E402
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def naive(store: LocalStore, name: str, gpu: bool) -> tuple[float, int]:
+    manifest = store.manifest(name)
+    images = store.path_of(name) / IMAGES_DIR
+    criu = find_criu()
+    pidfile = Path(tempfile.mktemp(prefix="naive-", suffix=".pid"))
+    args = DumpOptions.from_record(manifest.criu_options).shared_args()
+    t0 = time.perf_counter()
+    subprocess.run(
+        [str(criu.path), "restore", "-D", str(images), "-d", "--pidfile", str(pidfile), *args,
+         "-o", str(pidfile.with_suffix(".log"))],
+        check=True,
+    )  # fmt: skip
+    pid = int(pidfile.read_text())
+    if gpu:
+        from warmstart.gpu.driver import load_driver
+
+        drv = load_driver()
+        for g in manifest.gpus:
+            drv.restore(g.pid)
+        for g in manifest.gpus:
+            drv.unlock(g.pid)
+    return time.perf_counter() - t0, pid
+
+
+def ours(
+    store: LocalStore, name: str, control: Path | None, port: int | None
+) -> tuple[float, int, dict[str, float], float | None]:
+    env = {"WARMSTART_PORT": str(port)} if port else {}
+    t0 = time.perf_counter()
+    r = restore(name, store=store, request=RestoreRequest(control_dir=control, env=env))
+    took = time.perf_counter() - t0
+    ttft = first_token(port, t0) if port else None
+    return took, r.pid, {p.name.strip(): p.seconds for p in r.timer.phases}, ttft
+
+
+def first_token(port: int, t0: float) -> float:
+    import httpx
+
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"restored worker on {port} never became ready")
+        time.sleep(0.005)
+    body = {"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0}
+    httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120).raise_for_status()
+    return time.perf_counter() - t0
+
+
+def snapshot_worker(args: argparse.Namespace, store: LocalStore, work: Path) -> tuple[str, Path | None]:
+    if args.model is None:
+        tree = start_tree(work / "tree", args.mib)
+        checkpoint(tree.pid, store=store, name="speed")
+        tree.popen.wait()
+        return "speed", None
+    from coldstart import free_port, serve_cmd
+
+    control = work / "control"
+    control.mkdir()
+    worker = subprocess.Popen(
+        serve_cmd(args.model, args.device, args.kv_gib, free_port()),
+        stdin=subprocess.DEVNULL, stdout=open(work / "worker.log", "ab"), stderr=subprocess.STDOUT,
+        start_new_session=True, env={**os.environ, protocol.CONTROL_DIR_ENV: str(control)},
+    )  # fmt: skip
+    while not (control / protocol.READY_FOR_SNAPSHOT).exists():
+        if worker.poll() is not None:
+            raise SystemExit((work / "worker.log").read_text()[-3000:])
+        time.sleep(0.05)
+    ready = protocol.read_model(control / protocol.READY_FOR_SNAPSHOT, protocol.ReadyInfo)
+    labels = {"checkpoint_id": ready.checkpoint_id} if ready.checkpoint_id else {}
+    checkpoint(ready.pid, store=store, name="speed", options=CheckpointOptions(labels=labels))
+    worker.wait()
+    return "speed", control
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, default=2048, help="CPU tree: MiB of patterned memory")
+    ap.add_argument("--model", help="reference-server model dir (GPU worker)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--kv-gib", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cold", action="store_true", help="also with a dropped page cache")
+    args = ap.parse_args()
+    gpu = args.model is not None and args.device.startswith("cuda")
+    from coldstart import free_port
+
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as d:
+        work = Path(d)
+        store = LocalStore(work / "store")
+        name, control = snapshot_worker(args, store, work)
+        size = store.manifest(name).total_bytes
+        results: dict[str, list[float]] = {}
+        phases: dict[str, list[dict[str, float]]] = {}
+        for cache in ["warm", "cold"] if args.cold else ["warm"]:
+            for _ in range(args.rounds):
+                for who in ("naive", "warmstart"):
+                    if cache == "cold":
+                        drop_caches()
+                    if who == "naive":
+                        took, pid = naive(store, name, gpu)
+                    else:
+                        port = free_port() if control else None
+                        took, pid, ph, ttft = ours(store, name, control, port)
+                        phases.setdefault(cache, []).append(ph)
+                        if ttft is not None:
+                            results.setdefault(f"{cache}/first-token", []).append(ttft)
+                    results.setdefault(f"{cache}/{who}", []).append(took)
+                    if control is None:
+                        Tree(work / "tree", None, pid).wait_progress(60)
+                    kill_tree(pid)
+                    time.sleep(0.5)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    out = {"snapshot_bytes": size, "rounds": args.rounds, "median_s": med, "all_s": results,
+           "warmstart_phases": phases}  # fmt: skip
+    print(json.dumps(out, indent=1))
+    print(f"snapshot {size / 1e9:.2f} GB, {args.rounds} rounds, medians:")
+    print(f"{'cache':>5} {'naive s':>8} {'warmstart s':>11} {'speed-up':>8} {'GB/s':>6} {'1st token s':>11}")
+    for cache in ("warm", "cold"):
+        if f"{cache}/naive" not in med:
+            continue
+        n, w = med[f"{cache}/naive"], med[f"{cache}/warmstart"]
+        ft = med.get(f"{cache}/first-token")
+        print(f"{cache:>5} {n:>8.2f} {w:>11.2f} {n / w:>7.2f}x {size / w / 1e9:>6.2f} "
+              f"{'' if ft is None else f'{ft:.2f}':>11}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

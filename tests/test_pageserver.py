@@ -1,0 +1,75 @@
+"""warmstart's page server for ``criu restore --lazy-pages``, with real CRIU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from _support import Tree
+from warmstart.errors import CriuError
+from warmstart.host.pagemap import PAGE_SIZE, PE_LAZY, PE_PRESENT, PageRun, read_pagemap, read_vmas, split_at_vmas
+from warmstart.snapshot.checkpoint import checkpoint
+from warmstart.snapshot.manifest import IMAGES_DIR
+from warmstart.snapshot.restore import RestoreRequest, restore
+from warmstart.store.local import LocalStore
+
+
+@pytest.mark.criu
+def test_pagemap_accounts_for_every_byte_of_the_pages_image(tree_factory, store_dir: Path) -> None:
+    tree = tree_factory(mem_mib=64)
+    store = LocalStore(store_dir)
+    result = checkpoint(tree.pid, store=store, name="pm")
+    images = store.path_of("pm") / IMAGES_DIR
+    pm = read_pagemap(images, result.manifest.tree.root_pid)
+    present = sum(r.length for r in pm.runs if r.flags & PE_PRESENT)
+    assert present == pm.pages.stat().st_size
+    # the 64 MiB pattern is private anonymous memory: lazy, so the page server's job
+    assert pm.lazy_bytes >= 64 << 20
+    vmas = read_vmas(images, result.manifest.tree.root_pid)
+    for run in split_at_vmas(pm.lazy_runs, vmas):
+        assert any(s <= run.vaddr and run.end <= e for s, e in vmas), hex(run.vaddr)
+
+
+@pytest.mark.criu
+def test_missing_pages_fail_the_restore_and_nothing_runs(tree_factory, store_dir: Path) -> None:
+    """A page source that cannot deliver must fail the restore, never hand out zeros."""
+    tree = tree_factory(mem_mib=64)
+    store = LocalStore(store_dir)
+    result = checkpoint(tree.pid, store=store, name="short")
+    tree.popen.wait(timeout=10)
+    pm = read_pagemap(store.path_of("short") / IMAGES_DIR, result.manifest.tree.root_pid)
+    last = max(pm.lazy_runs, key=lambda r: r.offset)
+    # CRIU reads the non-lazy pages itself: cut only bytes that are the page server's
+    assert all(r.offset < last.offset for r in pm.runs if r.flags & PE_PRESENT and not r.lazy)
+    with open(pm.pages, "r+b") as f:
+        f.truncate(last.offset + last.length // 2)
+    with pytest.raises(CriuError, match="shorter than its pagemap"):
+        restore("short", store=store, request=RestoreRequest(parallel_pages=True, verify=False))
+    assert not psutil.pid_exists(tree.pid) or psutil.Process(tree.pid).status() == psutil.STATUS_ZOMBIE
+    assert not Tree(tree.state, None, tree.pid).alive()
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 200), st.integers(1, 50)), min_size=1, max_size=20),
+    st.lists(st.integers(0, 300), max_size=20),
+)
+def test_split_at_vmas_keeps_every_byte_and_its_offset(runs_spec, cuts) -> None:
+    runs, addr, offset = [], 0, 0
+    for gap, n in runs_spec:
+        addr += gap * PAGE_SIZE
+        runs.append(PageRun(addr, n, PE_PRESENT | PE_LAZY, offset))
+        addr += n * PAGE_SIZE
+        offset += n * PAGE_SIZE
+    bounds = sorted({c * PAGE_SIZE for c in cuts} | {0, addr})
+    vmas = list(zip(bounds, bounds[1:]))
+    pieces = split_at_vmas(runs, vmas)
+    assert sum(p.length for p in pieces) == sum(r.length for r in runs)
+    for p in pieces:
+        src = next(r for r in runs if r.vaddr <= p.vaddr < r.end)
+        assert p.end <= src.end
+        assert p.offset == src.offset + (p.vaddr - src.vaddr)
+        assert not any(p.vaddr < b < p.end for b in bounds)
