@@ -11,6 +11,7 @@ from rich.table import Table
 from warmstart.cli.app import app
 from warmstart.cli.output import console, emit_json, human_bytes, progress, timing_table
 from warmstart.errors import UsageError
+from warmstart.host.bandwidth import Bandwidth
 from warmstart.host.criu import DumpOptions
 from warmstart.store.local import STORE_ENV, LocalStore, default_root
 
@@ -198,7 +199,9 @@ def restore(
             }
         )
     else:
-        console.print(timing_table(f"restore {name}", result.timer.phases, result.timer.total))
+        bw = Bandwidth.load()
+        ceilings = bw.ceilings() if bw else None
+        console.print(timing_table(f"restore {name}", result.timer.phases, result.timer.total, ceilings))
         console.print(f"restored [bold]{name}[/] as PID {result.pid}")
         if prefetch is not None:
             console.print(f"weights from the memory service: {prefetch.state}")

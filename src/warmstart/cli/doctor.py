@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Annotated
 
@@ -11,8 +12,9 @@ import typer
 from rich.table import Table
 
 from warmstart.cli.app import app
-from warmstart.cli.output import console, emit_json
-from warmstart.errors import WarmstartError
+from warmstart.cli.output import console, emit_json, progress
+from warmstart.errors import EnvironmentProblem, WarmstartError
+from warmstart.host.bandwidth import Bandwidth, cache_path, measure
 
 _CAPS = {"CAP_SYS_ADMIN": 21, "CAP_SYS_PTRACE": 19, "CAP_CHECKPOINT_RESTORE": 40}
 
@@ -110,13 +112,69 @@ def collect() -> list[Check]:
     ]
 
 
+def _bandwidth(directory: Path, refresh: bool) -> tuple[Bandwidth, bool]:
+    """The cached figures, or new ones (measured, then cached). (figures, measured now?)"""
+    cached = None if refresh else Bandwidth.load()
+    if cached is not None:
+        return cached, False
+    with progress(True, "measuring memory, disk and host-to-device bandwidth"):
+        bw = measure(directory)
+        try:
+            from warmstart.gpu.bandwidth import h2d_pinned
+
+            bw.h2d_pinned = h2d_pinned()
+        except WarmstartError:
+            pass  # no GPU here: the host figures stand alone
+    try:
+        bw.save()
+    except OSError as exc:
+        raise EnvironmentProblem(
+            f"cannot cache the bandwidth figures at {cache_path()}: {exc.strerror}",
+            hint="run as root, or set WARMSTART_CACHE to a writable directory",
+        ) from None
+    return bw, True
+
+
+def _bandwidth_checks(bw: Bandwidth, fresh: bool) -> list[Check]:
+    when = "measured now" if fresh else f"cached in {cache_path()}"
+    rows = [
+        Check("memcpy", None, f"{bw.memcpy_1t:.1f} GB/s one thread, {bw.memcpy_nt:.1f} GB/s {bw.threads} threads"),
+        Check("populate fresh memory", None,
+              f"{bw.populate_1t:.1f} GB/s one thread (CRIU's page restore), "
+              f"{bw.populate_nt:.1f} GB/s {bw.threads} threads (warmstart's page server)"),
+        Check("page-cache read", None, f"{bw.pagecache_read_nt:.1f} GB/s"),
+        Check("disk read", None, "not measured" if bw.disk_read_nt is None
+              else f"{bw.disk_read_nt:.2f} GB/s, {bw.threads} threads (cold restore ceiling)"),
+    ]  # fmt: skip
+    for uuid, rate in bw.h2d_pinned.items():
+        rows.append(Check(f"h2d pinned {uuid[:12]}", None, f"{rate:.1f} GB/s (GPU restore ceiling)"))
+    rows.append(Check("bandwidth figures", None, when))
+    return rows
+
+
 @app.command()
-def doctor(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def doctor(
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    bandwidth: Annotated[
+        bool,
+        typer.Option("--bandwidth", help="Also report (measure once, then cache) the ceilings restores are held to."),
+    ] = False,
+    refresh: Annotated[bool, typer.Option("--refresh", help="With --bandwidth: measure again.")] = False,
+    scratch: Annotated[
+        Path, typer.Option("--scratch", help="With --bandwidth: where to write the 1 GiB test file (the store's disk).")
+    ] = Path("/var/tmp"),
+) -> None:
     """Report whether this host can checkpoint and restore (CRIU, privileges, GPU driver)."""
     checks = collect()
+    if bandwidth:
+        bw, fresh = _bandwidth(scratch, refresh)
+        checks += _bandwidth_checks(bw, fresh)
     ready = all(c.ok is not False for c in checks)
     if json_out:
-        emit_json({"ready": ready, "checks": [asdict(c) for c in checks]})
+        out: dict[str, object] = {"ready": ready, "checks": [asdict(c) for c in checks]}
+        if bandwidth:
+            out["bandwidth_GBps"] = asdict(bw)
+        emit_json(out)
     else:
         table = Table(title="warmstart doctor", title_justify="left")
         table.add_column("check")

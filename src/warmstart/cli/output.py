@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -44,17 +44,30 @@ def rate(nbytes: int | None, seconds: float) -> str:
     return f"{nbytes / seconds / 1e9:.2f}"
 
 
-def timing_table(title: str, phases: Sequence[PhaseTiming], total: float) -> Table:
+def timing_table(
+    title: str,
+    phases: Sequence[PhaseTiming],
+    total: float,
+    ceilings: Mapping[str, float] | None = None,
+) -> Table:
+    """Per-phase seconds, bytes and GB/s; with ``ceilings`` (phase -> GB/s this
+    machine can reach, from ``warmstart doctor --bandwidth``) a column for them."""
     table = Table(title=title, title_justify="left")
     table.add_column("phase")
     table.add_column("seconds", justify="right")
     table.add_column("bytes", justify="right")
     table.add_column("GB/s", justify="right")
+    if ceilings:
+        table.add_column("ceiling GB/s", justify="right")
     for p in phases:
         style = "dim" if p.name.startswith(" ") else None
-        table.add_row(p.name, f"{p.seconds:.3f}", human_bytes(p.bytes), rate(p.bytes, p.seconds), style=style)
+        row = [p.name, f"{p.seconds:.3f}", human_bytes(p.bytes), rate(p.bytes, p.seconds)]
+        if ceilings:
+            limit = ceilings.get(p.name.strip())
+            row.append(f"{limit:.1f}" if limit else "")
+        table.add_row(*row, style=style)
     table.add_section()
-    table.add_row("total", f"{total:.3f}", "", "")
+    table.add_row("total", f"{total:.3f}", "", "", *([""] if ceilings else []))
     return table
 
 

@@ -17,6 +17,7 @@ from warmstart.cli.app import app
 from warmstart.cli.commands import JsonOpt, StoreOpt, open_store, parse_pairs
 from warmstart.cli.output import console, emit_json, human_bytes, progress, timing_table
 from warmstart.errors import UsageError, WarmstartError
+from warmstart.host.bandwidth import Bandwidth
 
 model_app = typer.Typer(help="Make local model directories.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
@@ -147,7 +148,9 @@ def run(
     console.print(f"worker reached its checkpoint point in {cold:.2f} s (log: {logs})")
     console.print(timing_table(f"checkpoint {checkpoint_as}", taken.timer.phases, taken.timer.total))
     if restored:
-        console.print(timing_table(f"restore {checkpoint_as}", restored.timer.phases, restored.timer.total))
+        bw = Bandwidth.load()
+        console.print(timing_table(f"restore {checkpoint_as}", restored.timer.phases, restored.timer.total,
+                                   bw.ceilings() if bw else None))  # fmt: skip
         console.print(f"restored worker running as PID {restored.pid}")
 
 
