@@ -5,8 +5,8 @@ restores it with
 
 * naive: bare ``criu restore -d`` on the snapshot's images, then (GPU) the
   driver's restore + unlock calls, nothing else;
-* warmstart: ``warmstart.snapshot.restore`` with its defaults (parallel page
-  server, checksums verified, hand-over to the worker),
+* warmstart: ``warmstart.snapshot.restore`` with its parallel page server
+  (``--criu-pages``: without it), checksums verified, hand-over to the worker,
 
 with the page cache warm and, with ``--cold``, after dropping it. A restore
 is timed until the tree runs with its GPU state back. With ``--model`` the
@@ -73,11 +73,12 @@ def naive(store: LocalStore, name: str, gpu: bool) -> tuple[float, int]:
 
 
 def ours(
-    store: LocalStore, name: str, control: Path | None, port: int | None
+    store: LocalStore, name: str, control: Path | None, port: int | None, parallel: bool
 ) -> tuple[float, int, dict[str, float], float | None]:
     env = {"WARMSTART_PORT": str(port)} if port else {}
+    request = RestoreRequest(control_dir=control, env=env, parallel_pages=parallel)
     t0 = time.perf_counter()
-    r = restore(name, store=store, request=RestoreRequest(control_dir=control, env=env))
+    r = restore(name, store=store, request=request)
     took = time.perf_counter() - t0
     ttft = first_token(port, t0) if port else None
     return took, r.pid, {p.name.strip(): p.seconds for p in r.timer.phases}, ttft
@@ -135,6 +136,8 @@ def main() -> None:
     ap.add_argument("--kv-gib", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cold", action="store_true", help="also with a dropped page cache")
+    ap.add_argument("--criu-pages", action="store_true",
+                    help="warmstart without its page server (CRIU fills memory)")  # fmt: skip
     args = ap.parse_args()
     gpu = args.model is not None and args.device.startswith("cuda")
     from coldstart import free_port
@@ -155,7 +158,7 @@ def main() -> None:
                         took, pid = naive(store, name, gpu)
                     else:
                         port = free_port() if control else None
-                        took, pid, ph, ttft = ours(store, name, control, port)
+                        took, pid, ph, ttft = ours(store, name, control, port, not args.criu_pages)
                         phases.setdefault(cache, []).append(ph)
                         if ttft is not None:
                             results.setdefault(f"{cache}/first-token", []).append(ttft)

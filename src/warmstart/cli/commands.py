@@ -152,7 +152,7 @@ def restore(
         Optional[bool],
         typer.Option(
             "--parallel-pages/--no-parallel-pages",
-            help="Fill memory with warmstart's page server (default: where userfaultfd is allowed).",
+            help="Fill memory with warmstart's parallel page server (default: on where userfaultfd is allowed, for snapshots without GPU state).",
         ),
     ] = None,
     page_threads: Annotated[

@@ -42,7 +42,8 @@ class RestoreRequest:
     control_dir: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
     #: Fill memory with warmstart's parallel page server instead of CRIU's
-    #: single-threaded read (``None``: whenever this host allows userfaultfd).
+    #: single-threaded read (``None``: where this host allows userfaultfd, for
+    #: snapshots without GPU state).
     parallel_pages: bool | None = None
     #: Page-server threads (default: up to 16, one per core).
     page_threads: int | None = None
@@ -71,9 +72,11 @@ def _pids_in_use(manifest: Manifest) -> list[str]:
     return busy
 
 
-def _use_parallel_pages(request: RestoreRequest) -> bool:
+def _use_parallel_pages(request: RestoreRequest, manifest: Manifest) -> bool:
     if request.parallel_pages is None:
-        return uffd.available()
+        # Not yet run against the CUDA driver's restore on a GPU machine: GPU
+        # snapshots keep CRIU's own page restore unless asked (docs/restore-speed.md).
+        return uffd.available() and not manifest.gpus
     if request.parallel_pages and not uffd.available():
         raise UsageError(
             "parallel page restore needs userfaultfd, which this host does not allow",
@@ -113,7 +116,7 @@ def restore(
             )
     run_dir = _run_dir(name)
     log = run_dir / "restore.log"
-    parallel = _use_parallel_pages(request)
+    parallel = _use_parallel_pages(request, manifest)
     options = RestoreOptions(
         dump=DumpOptions.from_record(manifest.criu_options),
         leave_stopped=True,
