@@ -12,9 +12,11 @@ from typing import Any
 import jsonschema
 import kubernetes_validate as kv
 import pytest
+import typer
 import yaml
 from pydantic.alias_generators import to_camel
 
+from warmstart.cli.app import app as warmstart_app
 from warmstart.k8s import contract
 from warmstart.k8s.resources import (
     Condition,
@@ -121,9 +123,21 @@ def test_validation_catches_a_broken_manifest(rendered):
 def test_agent_daemonset_has_what_checkpoint_restore_needs(rendered):
     ds = one(rendered["."], "DaemonSet", "snapshot-agent")
     pod = ds["spec"]["template"]["spec"]
-    (c,) = pod["containers"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    c, watch = containers["agent"], containers["node-watch"]
     assert pod["hostPID"] is True and c["securityContext"]["privileged"] is True
-    assert c["args"] == ["agent"]
+    assert watch["securityContext"].get("privileged") is not True
+    # both command lines parse with the real CLI, and they agree on the socket
+    from warmstart.cli import agent, workers  # noqa: F401  (register their commands)
+
+    cli = typer.main.get_command(warmstart_app)
+    root = cli.context_class(cli, info_name="warmstart")
+    for args in (c["args"], watch["args"]):
+        sub = cli.get_command(root, args[0])
+        assert sub is not None, args[0]
+        sub.make_context(args[0], list(args[1:]), parent=root)
+    assert "--socket=/run/warmstart/agent.sock" in c["args"]
+    assert "/run/warmstart" in {m["mountPath"] for m in watch["volumeMounts"]}
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     for path in ("/run/containerd", "/var/lib/containerd", "/dev", "/sys/fs/cgroup",
                  "/var/lib/warmstart/snapshots", "/run/warmstart"):
@@ -132,8 +146,8 @@ def test_agent_daemonset_has_what_checkpoint_restore_needs(rendered):
     vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["snapshots"]["hostPath"]["path"] == "/var/lib/warmstart/snapshots"
     # the env the manifest sets is what AgentSettings.from_env reads
-    env = {e["name"]: e.get("value", "") for e in c["env"]}
-    assert c["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    env = {e["name"]: e.get("value", "") for e in watch["env"]}
+    assert watch["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     env["NODE_NAME"] = "gpu-node-1"
     old = dict(os.environ)
     try:
@@ -143,6 +157,7 @@ def test_agent_daemonset_has_what_checkpoint_restore_needs(rendered):
         os.environ.clear()
         os.environ.update(old)
     assert s.node_name == "gpu-node-1" and s.metrics_port == 9464
+    assert s.socket_path == "/run/warmstart/agent.sock"
     assert s.default_store == "file://" + "/var/lib/warmstart/snapshots"
     assert s.socket_path.startswith("/run/warmstart/")
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
@@ -212,7 +227,7 @@ def test_storage_overlays_replace_the_snapshot_volume(rendered):
 @needs_kubectl
 def test_k3s_overlay_moves_the_containerd_socket(rendered):
     ds = one(rendered["overlays/k3s"], "DaemonSet")
-    (c,) = ds["spec"]["template"]["spec"]["containers"]
+    c = next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "agent")
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["WARMSTART_CONTAINERD_SOCKET"] == "/run/k3s/containerd/containerd.sock"
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}

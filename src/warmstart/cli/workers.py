@@ -164,3 +164,17 @@ def controller(
     from warmstart.k8s.controller import run as run_controller
 
     run_controller(kubeconfig=str(kubeconfig) if kubeconfig else None)
+
+
+@app.command("node-watch")
+def node_watch(
+    kubeconfig: Annotated[
+        Optional[Path], typer.Option("--kubeconfig", help="Outside a cluster: kubeconfig file.")
+    ] = None,
+) -> None:
+    """Kubernetes side of the snapshot-agent DaemonSet: watch this node's pods and
+    Snapshots, and drive the node's `warmstart agent` over its socket (NODE_NAME,
+    WARMSTART_AGENT_SOCKET; see docs/kubernetes.md)."""
+    from warmstart.k8s.nodeagent import run as run_node_watch
+
+    run_node_watch(kubeconfig=str(kubeconfig) if kubeconfig else None)
