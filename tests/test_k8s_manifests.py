@@ -160,8 +160,11 @@ def test_agent_daemonset_has_what_checkpoint_restore_needs(rendered):
     assert s.socket_path == "/run/warmstart/agent.sock"
     assert s.default_store == "file://" + "/var/lib/warmstart/snapshots"
     assert s.socket_path.startswith("/run/warmstart/")
-    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    ports = {p["name"]: p["containerPort"] for p in watch["ports"]}
     assert ports["metrics"] == s.metrics_port
+    agent_ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert f"--metrics-port={agent_ports['agent-metrics']}" in c["args"]
+    assert agent_ports["agent-metrics"] != s.metrics_port  # one pod, two listeners
 
 
 @needs_kubectl
