@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--register-dir", default=None, help="FileRegistrar directory")
     p.add_argument("--checkpoint-timeout", type=float, default=None)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="ranks (one GPU each); rank 0 serves HTTP")
+    p.add_argument("--gpus", default=None, help="with --tensor-parallel: one GPU per rank, e.g. 0,1")
     return p
 
 
@@ -36,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     from warmstart.serve.main import serve
 
     try:
+        if args.tensor_parallel != 1:
+            from warmstart.serve.tp import launch
+
+            return launch(args, list(sys.argv[1:] if argv is None else argv))
         serve(
             args.model,
             host=args.host,
