@@ -47,7 +47,9 @@ class TPEngine(Engine):
         #: This rank's GPU (``GPU-...`` UUID); after a restore onto other GPUs, the mapped one.
         self.gpu_uuid: str | None = None
         if self.device.type == "cuda":
-            self.gpu_uuid = f"GPU-{torch.cuda.get_device_properties(self.device).uuid}"
+            from warmstart.gpu.driver import normalize_uuid
+
+            self.gpu_uuid = normalize_uuid(str(torch.cuda.get_device_properties(self.device).uuid))
 
     @property
     def leader(self) -> bool:

@@ -279,6 +279,7 @@ class RankGroup:
         resume = Resume(Outcome(msg["outcome"]), dict(msg.get("env") or {}), dict(msg.get("gpu_map") or {}),
                         msg.get("snapshot_name"))
         os.environ.update(resume.env)
+        self.timeout_s = _timeout_s()  # the restore context may set WARMSTART_TP_TIMEOUT
         self.resume_info = resume
         if resume.outcome is Outcome.RESTORED:
             self.restored = True
