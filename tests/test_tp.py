@@ -271,6 +271,8 @@ def tp_snapshot(tmp_path_factory, model_dir):
 def _restore(snap: dict, env: dict, *, hand_over: bool = True):
     from warmstart.snapshot.restore import RestoreRequest, restore
 
+    # an earlier restore's processes must be reaped (not even zombies) before their PIDs are free
+    wait_for(lambda: not any(psutil.pid_exists(p) for p in snap["pids"]), 60, "PIDs of the snapshot to be free")
     for stale in (protocol.RESTORE_COMPLETE, protocol.RESTORE_CONTEXT):  # left by an earlier restore
         (snap["cdir"] / stale).unlink(missing_ok=True)
     request = RestoreRequest(control_dir=snap["cdir"] if hand_over else None, env=env)
