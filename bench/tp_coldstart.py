@@ -120,8 +120,10 @@ def warm(args: argparse.Namespace, store_dir: Path) -> list[dict]:
     info = protocol.read_model(cdir / protocol.READY_FOR_SNAPSHOT, protocol.ReadyInfo)
     store = LocalStore(store_dir)
     pids = [p.pid, *(c.pid for c in psutil.Process(p.pid).children(recursive=True))]
+    t0 = time.perf_counter()
     taken = checkpoint(p.pid, store=store, name="tp2",
                        options=CheckpointOptions(labels={"checkpoint_id": info.checkpoint_id or ""}))
+    checkpoint_s = time.perf_counter() - t0
     p.wait(60)
     rows = []
     for label, gpu_map in (("same", ()), ("swapped", ("0=1", "1=0"))):
@@ -143,7 +145,7 @@ def warm(args: argparse.Namespace, store_dir: Path) -> list[dict]:
         phases = {ph.name.strip(): ph.seconds for ph in restored.timer.phases}
         rows.append({
             "gpus": label, "cold_to_checkpoint_point_s": to_point, "snapshot_bytes": taken.manifest.total_bytes,
-            "checkpoint_s": taken.timer.total, "restore_s": restore_s,
+            "checkpoint_s": checkpoint_s, "restore_s": restore_s,
             "criu_restore_s": phases.get("criu-restore", 0.0), "gpu_restore_s": phases.get("gpu-restore", 0.0),
             "rebuild_s": rinfo.get("startup", {}).get("rebuild_s", 0.0), "ready_s": ready, "first_token_s": ttft,
             "text": text, "cuda_graphs": rinfo["cuda_graphs"], "tensor_parallel": rinfo.get("tensor_parallel"),
