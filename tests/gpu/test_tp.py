@@ -120,7 +120,12 @@ def cold_tokens(tmp_path_factory, model_dir):
     port = free_port()
     proc = start(tmp, model_dir, "--port", str(port))
     try:
-        info = wait_for(lambda: ready(port), 600, "cold TP=2 worker", tmp / "err")
+        def up() -> dict | None:
+            if proc.poll() is not None:
+                raise AssertionError(f"cold worker exited\n{(tmp / 'err').read_text()[-4000:]}")
+            return ready(port)
+
+        info = wait_for(up, 600, "cold TP=2 worker", tmp / "err")
         assert info["cuda_graphs"].startswith("captured"), info
         return greedy(port)
     finally:
@@ -138,7 +143,12 @@ def snapshot(tmp_path_factory, model_dir):
     cdir = tmp / "control"
     cdir.mkdir()
     proc = start(tmp, model_dir, "--port", "0", env={protocol.CONTROL_DIR_ENV: str(cdir)})
-    wait_for((cdir / protocol.READY_FOR_SNAPSHOT).exists, 600, "ready-for-snapshot", tmp / "err")
+    def at_point() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited with {proc.returncode}\n{(tmp / 'err').read_text()[-4000:]}")
+        return (cdir / protocol.READY_FOR_SNAPSHOT).exists()
+
+    wait_for(at_point, 600, "ready-for-snapshot", tmp / "err")
     info = protocol.read_model(cdir / protocol.READY_FOR_SNAPSHOT, protocol.ReadyInfo)
     pids = tree(proc.pid)
     assert info.pid == proc.pid and len(pids) == 3
@@ -167,7 +177,12 @@ def test_restore_rebuilds_and_serves_identical_tokens(snapshot, cold_tokens, gpu
     restored = restore("tp2", store=snapshot["store"], request=RestoreRequest(
         gpu_map=gpu_map, control_dir=snapshot["cdir"], env={"WARMSTART_PORT": str(port)}))
     try:
-        info = wait_for(lambda: ready(port), 300, "restored TP=2 worker", snapshot["tmp"] / "err")
+        def up() -> dict | None:
+            if not psutil.pid_exists(restored.pid):
+                raise AssertionError(f"restored worker exited\n{(snapshot['tmp'] / 'err').read_text()[-4000:]}")
+            return ready(port)
+
+        info = wait_for(up, 300, "restored TP=2 worker", snapshot["tmp"] / "err")
         assert info["restored"] is True
         assert info["cuda_graphs"].startswith("captured"), info  # re-captured on the new communicator
         gens = info["tensor_parallel"]["rendezvous"]

@@ -245,7 +245,7 @@ class RankGroup:
         if left:
             raise NotCheckpointable(
                 f"rank {self.rank} still holds {len(left)} inet socket(s) after destroying its process "
-                f"group ({left[0]})",
+                f"group ({'; '.join(left[:4])})",
                 hint="something else in the rank opened a TCP socket before the checkpoint point",
             )
 
