@@ -174,8 +174,14 @@ def test_restore_rebuilds_and_serves_identical_tokens(snapshot, cold_tokens, gpu
     for stale in (protocol.RESTORE_COMPLETE, protocol.RESTORE_CONTEXT):
         (snapshot["cdir"] / stale).unlink(missing_ok=True)
     port = free_port()
-    restored = restore("tp2", store=snapshot["store"], request=RestoreRequest(
-        gpu_map=gpu_map, control_dir=snapshot["cdir"], env={"WARMSTART_PORT": str(port)}))
+    from warmstart.errors import CriuError
+
+    try:
+        restored = restore("tp2", store=snapshot["store"], request=RestoreRequest(
+            gpu_map=gpu_map, control_dir=snapshot["cdir"], env={"WARMSTART_PORT": str(port)}))
+    except CriuError as exc:
+        log = Path(exc.log).read_text() if exc.log and Path(exc.log).exists() else ""
+        raise AssertionError(f"{exc}\n{log[-6000:]}") from None
     try:
         def up() -> dict | None:
             if not psutil.pid_exists(restored.pid):

@@ -214,8 +214,25 @@ def _run_rank(group: RankGroup, args: argparse.Namespace, device: str) -> int:
                  log_level=args.log_level, restored=lambda: group.restored)
         return 0
     finally:
-        engine.close()
+        engine.close()  # the leader tells the followers to stop
+        _destroy_group()
+
+
+def _destroy_group() -> None:
+    """Leave the group before exiting: a live NCCL communicator can hang the interpreter's exit."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:  # noqa: BLE001 - exiting anyway
+            log.warning("destroying the process group failed: %s", exc)
 
 
 if __name__ == "__main__":
-    sys.exit(rank_main(sys.argv[1:]))
+    code = rank_main(sys.argv[1:])
+    # Skip interpreter teardown: CUDA/NCCL destructors at exit can hang a rank that is done.
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    logging.shutdown()
+    os._exit(code)

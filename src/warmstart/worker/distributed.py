@@ -368,6 +368,9 @@ class RankLauncher:
         self._stop_watch = threading.Event()
         self._watcher: threading.Thread | None = None
         self._on_fail = on_fail or self._default_fail
+        self._stop_requested = 0.0
+        #: After SIGTERM, how long rank 0 gets to stop the group before every rank is killed.
+        self.stop_grace_s = 30.0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -428,7 +431,12 @@ class RankLauncher:
         """Until rank 0 exits: 0 when every rank stopped cleanly."""
         self.phase = Phase.SERVING
         leader = self.ranks[0].popen
-        code = leader.wait()
+        while (code := leader.poll()) is None:
+            if self._stop_requested and time.monotonic() - self._stop_requested > self.stop_grace_s:
+                log.warning("rank 0 did not stop within %g s of SIGTERM; killing the ranks", self.stop_grace_s)
+                self.stop()
+                return 1
+            time.sleep(0.1)
         self.phase = Phase.STOPPING
         deadline = time.monotonic() + 30
         for r in self.ranks[1:]:
@@ -440,6 +448,7 @@ class RankLauncher:
     def terminate(self) -> None:
         """Ask rank 0 to stop (it stops the others through the group)."""
         self.phase = Phase.STOPPING
+        self._stop_requested = self._stop_requested or time.monotonic()
         with contextlib.suppress(ProcessLookupError):
             self.ranks[0].popen.send_signal(signal.SIGTERM)
 
