@@ -32,6 +32,10 @@ log = logging.getLogger("warmstart.serve.tp")
 
 #: Set by the launcher for its ranks: "1" when a control dir asks for a checkpoint point.
 CHECKPOINT_ENV = "WARMSTART_TP_CHECKPOINT"
+#: ``one`` (default): each rank sees only its GPU (``CUDA_VISIBLE_DEVICES``); ``all``: every
+#: rank sees every GPU and uses ``cuda:N`` (``WARMSTART_TP_DEVICE``).
+VISIBLE_ENV = "WARMSTART_TP_VISIBLE"
+DEVICE_ENV = "WARMSTART_TP_DEVICE"
 
 
 def _strip_tp(argv: list[str]) -> list[str]:
@@ -82,10 +86,18 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
     gpus = _gpu_list(args, world)
     rank_argv = [sys.executable, "-m", "warmstart.serve.tp", *_strip_tp(argv)]
 
+    visible = os.environ.get(VISIBLE_ENV, "one")
+    if visible not in ("one", "all"):
+        raise UsageError(f"{VISIBLE_ENV}={visible!r}", hint="use one (default) or all")
+
     def rank_env(rank: int) -> dict[str, str]:
         env = {CHECKPOINT_ENV: "1" if control else "0"}
-        if gpus is not None:
+        if gpus is not None and visible == "one":
             env["CUDA_VISIBLE_DEVICES"] = gpus[rank]
+        elif gpus is not None:
+            if not gpus[rank].isdigit():
+                raise UsageError(f"{VISIBLE_ENV}=all needs GPU indices in --gpus, not {gpus[rank]!r}")
+            env[DEVICE_ENV] = f"cuda:{gpus[rank]}"
         return env
 
     launcher = RankLauncher(world, lambda rank: rank_argv, rank_env)
@@ -119,8 +131,14 @@ def _rank_device(name: str) -> str:
     if name == "cpu":
         return "cpu"
     if name == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        name = "cuda"
     if name.startswith("cuda"):
+        mine = os.environ.get(DEVICE_ENV)
+        if mine:
+            torch.cuda.set_device(torch.device(mine))
+            return mine
         return "cuda:0"  # this rank's one visible GPU
     raise UsageError(f"unsupported device {name!r} for tensor parallelism", hint="use auto, cpu or cuda")
 
