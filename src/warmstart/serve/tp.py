@@ -237,10 +237,11 @@ def _run_rank(group: RankGroup, args: argparse.Namespace, device: str) -> int:
 
 
 def _destroy_group() -> None:
-    """Leave the group before exiting: a live NCCL communicator can hang the interpreter's exit."""
+    """Leave a gloo group before exiting. An NCCL group is left to ``os._exit``: on 2 x H200,
+    destroying it at shutdown (and the interpreter's own teardown) hung rank 0."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    if dist.is_initialized() and dist.get_backend() == "gloo":
         try:
             dist.destroy_process_group()
         except Exception as exc:  # noqa: BLE001 - exiting anyway
