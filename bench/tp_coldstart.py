@@ -9,10 +9,11 @@ released), then restored once per GPU map (``same``: no map; ``swapped``:
 (rendezvous + graph re-capture, from /ready) and the first completion.
 Greedy outputs must be identical everywhere. Needs two GPUs and root:
 
-    python bench/tp_coldstart.py --model DIR --kv-gib 40
+    WARMSTART_TP_VISIBLE=all python bench/tp_coldstart.py --model DIR --kv-gib 40 --max-num-seqs 512
 
-``--kv-gib`` is per rank: at 40+ GiB the two ranks' KV caches together do not
-fit on one 80 GB GPU. Prints JSON, then a table.
+``--kv-gib`` is per rank (and capped by ``--max-num-seqs`` x ``--max-seq-len``): at
+40+ GiB on H100 (80+ on H200) the two ranks' KV caches together do not fit on one
+GPU. Prints JSON, then a table.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def free_port() -> int:
 def serve_cmd(args: argparse.Namespace, port: int) -> list[str]:
     return [sys.executable, "-m", "warmstart", "serve", "--model", args.model, "--device", "cuda",
             "--tensor-parallel", "2", "--gpus", args.gpus, "--kv-cache-gib", str(args.kv_gib),
-            "--max-seq-len", str(args.max_seq_len), "--port", str(port)]  # fmt: skip
+            "--max-seq-len", str(args.max_seq_len), "--max-num-seqs", str(args.max_num_seqs),
+            "--port", str(port)]  # fmt: skip
 
 
 def first_token(port: int, t0: float, timeout: float = 900) -> tuple[float, float, str, dict]:
@@ -159,6 +161,7 @@ def main() -> None:
     ap.add_argument("--gpus", default="0,1")
     ap.add_argument("--kv-gib", type=float, default=8.0, help="per rank")
     ap.add_argument("--max-seq-len", type=int, default=4096)
+    ap.add_argument("--max-num-seqs", type=int, default=8, help="raise it, or the KV cache stays small")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as d:
         c = cold(args)
