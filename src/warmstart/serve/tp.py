@@ -2,8 +2,8 @@
 
 The process the user starts is the **launcher**: it imports no torch, opens no
 inet socket, and starts N ranks (``python -m warmstart.serve.tp``) as its
-children, one GPU each (``CUDA_VISIBLE_DEVICES`` per rank from ``--gpus`` or
-the launcher's own list) or all on CPU with gloo. Rank 0 runs the scheduler and
+children, one GPU each (``cuda:N`` per rank from ``--gpus``, default 0..N-1) or
+all on CPU with gloo. Rank 0 runs the scheduler and
 serves HTTP; the others follow its forward passes (`warmstart.serve.tp_engine`).
 
 With a control dir the ranks meet at the checkpoint point of
@@ -32,8 +32,9 @@ log = logging.getLogger("warmstart.serve.tp")
 
 #: Set by the launcher for its ranks: "1" when a control dir asks for a checkpoint point.
 CHECKPOINT_ENV = "WARMSTART_TP_CHECKPOINT"
-#: ``one`` (default): each rank sees only its GPU (``CUDA_VISIBLE_DEVICES``); ``all``: every
-#: rank sees every GPU and uses ``cuda:N`` (``WARMSTART_TP_DEVICE``).
+#: ``all`` (default): every rank sees every GPU and uses ``cuda:N`` (``WARMSTART_TP_DEVICE``),
+#: so a restore can move it onto another GPU; ``one``: each rank sees only its GPU
+#: (``CUDA_VISIBLE_DEVICES``) -- restores onto other GPUs then fail (the target is invisible).
 VISIBLE_ENV = "WARMSTART_TP_VISIBLE"
 DEVICE_ENV = "WARMSTART_TP_DEVICE"
 
@@ -86,9 +87,9 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
     gpus = _gpu_list(args, world)
     rank_argv = [sys.executable, "-m", "warmstart.serve.tp", *_strip_tp(argv)]
 
-    visible = os.environ.get(VISIBLE_ENV, "one")
+    visible = os.environ.get(VISIBLE_ENV, "all")
     if visible not in ("one", "all"):
-        raise UsageError(f"{VISIBLE_ENV}={visible!r}", hint="use one (default) or all")
+        raise UsageError(f"{VISIBLE_ENV}={visible!r}", hint="use all (default) or one")
 
     def rank_env(rank: int) -> dict[str, str]:
         env = {CHECKPOINT_ENV: "1" if control else "0"}
