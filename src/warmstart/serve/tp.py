@@ -56,19 +56,21 @@ def _strip_tp(argv: list[str]) -> list[str]:
 
 
 def _gpu_list(args: argparse.Namespace, world: int) -> list[str] | None:
+    """One GPU index per rank (indices into the launcher's visible GPUs); None on CPU."""
     if args.device == "cpu":
         return None
     if args.gpus:
         gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
-    elif os.environ.get("CUDA_VISIBLE_DEVICES"):
-        gpus = [g.strip() for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
     else:
         gpus = [str(i) for i in range(world)]
     if len(gpus) < world:
         raise UsageError(
             f"--tensor-parallel {world} needs {world} GPUs, {len(gpus)} given ({','.join(gpus) or 'none'})",
-            hint="pass --gpus with one GPU per rank, or --device cpu",
+            hint="pass --gpus with one GPU index per rank, or --device cpu",
         )
+    if not all(g.isdigit() for g in gpus):
+        raise UsageError(f"--gpus {','.join(gpus)}: give GPU indices (e.g. 0,1), not UUIDs",
+                         hint="indices count the GPUs this process sees (CUDA_VISIBLE_DEVICES)")
     if len(set(gpus[:world])) < world:
         raise UsageError(f"--gpus {','.join(gpus[:world])} names a GPU twice", hint="one GPU per rank")
     return gpus[:world]
@@ -94,10 +96,10 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
     def rank_env(rank: int) -> dict[str, str]:
         env = {CHECKPOINT_ENV: "1" if control else "0"}
         if gpus is not None and visible == "one":
-            env["CUDA_VISIBLE_DEVICES"] = gpus[rank]
+            seen = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+            index = int(gpus[rank])
+            env["CUDA_VISIBLE_DEVICES"] = seen[index] if index < len(seen) else gpus[rank]
         elif gpus is not None:
-            if not gpus[rank].isdigit():
-                raise UsageError(f"{VISIBLE_ENV}=all needs GPU indices in --gpus, not {gpus[rank]!r}")
             env[DEVICE_ENV] = f"cuda:{gpus[rank]}"
         return env
 
