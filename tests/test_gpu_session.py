@@ -107,7 +107,7 @@ def test_checkpoint_failure_restores_and_unlocks_everyone(left: ProcessState) ->
     assert calls.index(("cuCheckpointProcessRestore", 1)) < calls.index(
         ("cuCheckpointProcessUnlock", 1))
     assert ("cuCheckpointProcessCheckpoint", 3) not in calls
-    assert lib.processes[1].last_pairs == []  # restored onto its own GPU
+    assert lib.processes[1].last_pairs == []  # rolled back onto its own GPU: no map
     assert info.value.rollback.ok  # type: ignore[attr-defined]
 
 
@@ -166,13 +166,15 @@ def test_lock_deadline_spans_all_processes() -> None:
     assert info.value.hint and "rolled back" in info.value.hint
 
 
-def test_restore_gives_each_pid_only_its_pairs() -> None:
+def test_restore_gives_every_pid_the_whole_map() -> None:
+    """The driver needs the whole mapping per process (a swapped TP pair fails otherwise)."""
     s, lib = setup()
     s.lock()
     s.checkpoint()
     s.restore([(A, A), (B, A)])  # pid 3 moves B -> A; pids 1, 2 stay on A
-    assert [lib.processes[p].last_pairs for p in (1, 2, 3)] == [[], [], [(B, A)]]
+    assert [lib.processes[p].last_pairs for p in (1, 2, 3)] == [[(A, A), (B, A)]] * 3
     assert lib.processes[3].gpus == [A]
+    assert lib.processes[1].gpus == [A]
     s.unlock()
     assert states(lib) == [RUNNING] * 3
 

@@ -206,14 +206,13 @@ class GpuCheckpointSession:
 
     def pairs_for(self, pid: int, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
         """The pairs to give the driver for ``pid``: none when nothing moves,
-        else those of its recorded GPUs (all pairs when none are recorded)."""
-        if not needs_remap(pairs):
-            return []
-        mine = {p.gpu_uuid for p in self.processes if p.pid == pid}
-        if not mine:
-            return list(pairs)
-        picked = [(a, b) for a, b in pairs if normalize_uuid(a) in mine]
-        return picked if needs_remap(picked) else []
+        else every pair.
+
+        The driver wants the whole mapping, not just the process's own GPU: a
+        rank of a tensor-parallel worker also holds (peer) state on the other
+        GPUs it can see, and restoring one rank of a swapped pair with only its
+        own pair fails with CUDA_ERROR_INVALID_VALUE (measured on 2 x H200)."""
+        return list(pairs) if needs_remap(pairs) else []
 
     def restore(self, pairs: Sequence[tuple[str, str]] = ()) -> None:
         """Restore every CHECKPOINTED process (it ends LOCKED); no rollback."""

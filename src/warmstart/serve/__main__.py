@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from warmstart.errors import WarmstartError
+from warmstart.errors import UsageError, WarmstartError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="map the weights from the node's GPU memory service (default socket: "
         "/run/warmstart/gms-<gpu>.sock, gms-cpu.sock on CPU) instead of loading them",
     )
+    p.add_argument("--tensor-parallel", type=int, default=1, help="ranks (one GPU each); rank 0 serves HTTP")
+    p.add_argument("--gpus", default=None, help="with --tensor-parallel: one GPU per rank, e.g. 0,1")
     return p
 
 
@@ -41,6 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     from warmstart.serve.main import serve
 
     try:
+        if args.tensor_parallel != 1:
+            if args.weights_from_gms:
+                raise UsageError(
+                    "--weights-from-gms does not work with --tensor-parallel yet",
+                    hint="drop one of them (docs/gms.md, docs/multi-gpu.md)",
+                )
+            from warmstart.serve.tp import launch
+
+            return launch(args, list(sys.argv[1:] if argv is None else argv))
         serve(
             args.model,
             host=args.host,

@@ -214,6 +214,8 @@ def create_app(engine: Engine, *, restored: Callable[[], bool] = lambda: False, 
         body = {"ready": engine.ready, "restored": restored(), "model": engine.model_name,
                 "device": str(engine.device), "cuda_graphs": engine.graph_status,
                 "startup": engine.startup}
+        if hasattr(engine, "parallel_info"):  # tensor-parallel engines (warmstart.serve.tp_engine)
+            body["tensor_parallel"] = engine.parallel_info()
         return JSONResponse(body, status_code=200 if engine.ready else 503)
 
     @app.get("/metrics")

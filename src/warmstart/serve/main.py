@@ -13,8 +13,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 from warmstart import protocol
@@ -132,47 +134,63 @@ def serve(
         )
 
         engine.startup["imports_s"] = imports_s
-        # ---- phase 2: identity, listener, registration ------------------------------------
-        import uvicorn
-
-        from warmstart.serve.app import create_app
-
-        bind_host = os.environ.get("WARMSTART_HOST", host)
-        identity = Identity.from_env(port=port)
-        reg = registrar or (FileRegistrar(register_dir) if register_dir else NullRegistrar())
-        app = create_app(engine, restored=was_restored)
-        server = uvicorn.Server(
-            uvicorn.Config(app, host=bind_host, port=identity.port, log_level=log_level, access_log=False)
-        )
-        registered: list[Identity] = []
-
-        def register_when_listening() -> None:
-            while not server.started and not server.should_exit:
-                threading.Event().wait(0.02)
-            if not server.started:
-                return
-            bound = identity.port
-            for srv in getattr(server, "servers", []):
-                for sock in srv.sockets:
-                    bound = sock.getsockname()[1]
-            final = Identity(identity.name, identity.host, identity.ip, bound, identity.pid)
-            reg.register(final)
-            registered.append(final)
-            log.info("serving %s on http://%s:%d (restored=%s)", engine.model_name, bind_host, bound, was_restored())
-
-        watcher = threading.Thread(target=register_when_listening, name="warmstart-register", daemon=True)
-        watcher.start()
-        if threading.current_thread() is threading.main_thread():
-            # uvicorn re-raises the signal that stopped it; handle SIGTERM so that the
-            # re-raise returns here (deregister, exit 0) instead of killing the process.
-            signal.signal(signal.SIGTERM, lambda *_: None)
-        try:
-            server.run()
-        finally:
-            server.should_exit = True
-            watcher.join(timeout=5)
-            for ident in registered:
-                reg.deregister(ident)
-        return ServeResult(outcome, registered[0] if registered else None)
+        identity = run_http(engine, host=host, port=port, register_dir=register_dir, registrar=registrar,
+                            log_level=log_level, restored=was_restored)
+        return ServeResult(outcome, identity)
     finally:
         engine.close()
+
+
+def run_http(
+    engine: Any,
+    *,
+    host: str,
+    port: int,
+    register_dir: str | os.PathLike[str] | None = None,
+    registrar: Registrar | None = None,
+    log_level: str = "info",
+    restored: Callable[[], bool] = was_restored,
+) -> Identity | None:
+    """Phase 2: read the identity from the environment, listen, register; until stopped."""
+    # ---- phase 2: identity, listener, registration ------------------------------------
+    import uvicorn
+
+    from warmstart.serve.app import create_app
+
+    bind_host = os.environ.get("WARMSTART_HOST", host)
+    identity = Identity.from_env(port=port)
+    reg = registrar or (FileRegistrar(register_dir) if register_dir else NullRegistrar())
+    app = create_app(engine, restored=restored)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=bind_host, port=identity.port, log_level=log_level, access_log=False)
+    )
+    registered: list[Identity] = []
+
+    def register_when_listening() -> None:
+        while not server.started and not server.should_exit:
+            threading.Event().wait(0.02)
+        if not server.started:
+            return
+        bound = identity.port
+        for srv in getattr(server, "servers", []):
+            for sock in srv.sockets:
+                bound = sock.getsockname()[1]
+        final = Identity(identity.name, identity.host, identity.ip, bound, identity.pid)
+        reg.register(final)
+        registered.append(final)
+        log.info("serving %s on http://%s:%d (restored=%s)", engine.model_name, bind_host, bound, restored())
+
+    watcher = threading.Thread(target=register_when_listening, name="warmstart-register", daemon=True)
+    watcher.start()
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn re-raises the signal that stopped it; handle SIGTERM so that the
+        # re-raise returns here (deregister, exit 0) instead of killing the process.
+        signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        server.should_exit = True
+        watcher.join(timeout=5)
+        for ident in registered:
+            reg.deregister(ident)
+    return registered[0] if registered else None

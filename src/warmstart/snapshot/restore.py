@@ -159,7 +159,7 @@ def restore(
                     gpu_plan.restore()
             if request.control_dir is not None:
                 with timer.phase("handover"):
-                    _hand_over(manifest, request)
+                    _hand_over(manifest, request, dict(gpu_plan.pairs) if gpu_plan else {})
         except BaseException:
             if verifying is not None:
                 verifying.cancel()
@@ -170,12 +170,13 @@ def restore(
     return RestoreResult(pid=root_pid, manifest=manifest, timer=timer, log=log)
 
 
-def _hand_over(manifest: Manifest, request: RestoreRequest) -> None:
+def _hand_over(manifest: Manifest, request: RestoreRequest, gpu_map: dict[str, str] | None = None) -> None:
     control = Path(request.control_dir)  # type: ignore[arg-type]
     ctx = protocol.RestoreContext(
         snapshot_id=manifest.snapshot_id,
         snapshot_name=manifest.name,
         env=request.env,
+        gpu_map=gpu_map or {},
         checkpoint_id=manifest.labels.get("checkpoint_id"),
     )
     # A marker left for the original must not be read by the restored copy.

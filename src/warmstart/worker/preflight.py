@@ -18,6 +18,9 @@ CHECKPOINT_ENV: dict[str, str] = {
     "GLOO_SOCKET_IFNAME": "lo",
     "NCCL_CUMEM_ENABLE": "0",
     "NCCL_IB_DISABLE": "1",
+    # NCCL >= 2.24 runs a process-wide RAS thread whose TCP listener and peer connections
+    # outlive every communicator: destroying the process group would leave them open.
+    "NCCL_RAS_ENABLE": "0",
 }
 
 
