@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterable
 
 import psutil
@@ -61,8 +62,21 @@ def has_terminal(pids: Iterable[int]) -> bool:
     return False
 
 
+def _dead(p: psutil.Process, root: int) -> bool:
+    try:
+        return p.pid == root and p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def kill_tree(pid: int, *, timeout: float = 10.0) -> None:
-    """SIGKILL ``pid`` and its descendants and wait until they are gone."""
+    """SIGKILL ``pid`` and its descendants and wait until none of them runs.
+
+    The root counts as gone once it is a zombie: reaping it is its parent's
+    business, and waiting for that (psutil does, for tasks that are not our
+    children) would wait on someone else. Its descendants are waited for until
+    their PIDs are free (init reaps them), so a restore can take them again.
+    """
     try:
         procs = tree_processes(pid)
     except psutil.NoSuchProcess:
@@ -72,7 +86,11 @@ def kill_tree(pid: int, *, timeout: float = 10.0) -> None:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while not all(_dead(p, pid) for p in procs) and time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
 
 
 def continue_pids(pids: Iterable[int]) -> None:
