@@ -10,9 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from _support import Tree
-from warmstart.errors import CriuError
+from warmstart.errors import CriuError, SnapshotCorrupt
+from warmstart.host.process import kill_tree
 from warmstart.host.pagemap import PAGE_SIZE, PE_LAZY, PE_PRESENT, PageRun, read_pagemap, read_vmas, split_at_vmas
-from warmstart.snapshot.checkpoint import checkpoint
+from warmstart.snapshot.checkpoint import CheckpointOptions, checkpoint
 from warmstart.snapshot.manifest import IMAGES_DIR
 from warmstart.snapshot.restore import RestoreRequest, restore
 from warmstart.store.local import LocalStore
@@ -73,3 +74,71 @@ def test_split_at_vmas_keeps_every_byte_and_its_offset(runs_spec, cuts) -> None:
         assert p.end <= src.end
         assert p.offset == src.offset + (p.vaddr - src.vaddr)
         assert not any(p.vaddr < b < p.end for b in bounds)
+
+
+@pytest.mark.criu
+@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+@pytest.mark.parametrize("parallel", [True, False], ids=["page-server", "criu-pages"])
+def test_compressed_snapshot_restores_the_same_memory(
+    tree_factory, store_dir: Path, codec: str, parallel: bool
+) -> None:
+    tree = tree_factory(mem_mib=64)
+    before = tree.digests()
+    store = LocalStore(store_dir)
+    result = checkpoint(tree.pid, store=store, name="z", options=CheckpointOptions(compress=codec))
+    tree.popen.wait(timeout=10)
+    images = store.path_of("z") / IMAGES_DIR
+    assert result.manifest.compression == codec
+    assert not list(images.glob("pages-*.img")) and list(images.glob(f"pages-*.img.{codec}"))
+    raw = sum(r.length for r in read_pagemap(images, tree.pid).runs if r.flags & PE_PRESENT)
+    assert result.manifest.total_bytes < raw  # the patterned memory compresses
+    restored = restore("z", store=store, request=RestoreRequest(parallel_pages=parallel))
+    try:
+        back = Tree(tree.state, None, restored.pid)
+        back.wait_progress()
+        assert back.digests() == before
+    finally:
+        kill_tree(restored.pid)
+
+
+@pytest.mark.criu
+def test_corrupt_compressed_chunk_is_refused_before_anything_runs(tree_factory, store_dir: Path) -> None:
+    tree = tree_factory(mem_mib=16)
+    store = LocalStore(store_dir)
+    checkpoint(tree.pid, store=store, name="zc", options=CheckpointOptions(compress="zstd"))
+    tree.popen.wait(timeout=10)
+    packed = max((store.path_of("zc") / IMAGES_DIR).glob("pages-*.img.zstd"), key=lambda p: p.stat().st_size)
+    with open(packed, "r+b") as f:
+        f.seek(packed.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(SnapshotCorrupt):
+        restore("zc", store=store)
+    assert not Tree(tree.state, None, tree.pid).alive()
+
+
+@given(st.binary(max_size=3 * 4096), st.integers(0, 3 * 4096), st.integers(0, 4096))
+def test_compressed_pages_read_any_range(tmp_path_factory, data: bytes, offset: int, length: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from warmstart.store import compress
+
+    d = tmp_path_factory.mktemp("z")
+    raw = d / "pages-1.img"
+    raw.write_bytes(data)
+    old = compress.CHUNK
+    compress.CHUNK = 4096  # several chunks out of a small file
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            packed, size, digest = compress.compress_file(raw, "zstd", pool)
+    finally:
+        compress.CHUNK = old
+    assert not raw.exists() and packed.stat().st_size == size and digest.startswith("xxh3-128:")
+    reader = compress.CompressedPages(packed)
+    try:
+        buf = bytearray(length)
+        got = reader.readinto(memoryview(buf), offset)
+        assert bytes(buf[:got]) == data[offset : offset + length]
+    finally:
+        reader.close()

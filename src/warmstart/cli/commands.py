@@ -78,6 +78,14 @@ def checkpoint(
     sign: Annotated[
         Optional[Path], typer.Option("--sign", help="With --store URL: sign the pushed index with this key.")
     ] = None,
+    compress: Annotated[
+        str,
+        typer.Option(
+            "--compress",
+            help="Page images: none (default: fastest for a local store), zstd or lz4 "
+            "(smaller: pays off for remote stores; docs/restore-speed.md).",
+        ),
+    ] = "none",
     store: StoreOrUrlOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -85,6 +93,7 @@ def checkpoint(
     from warmstart.cli.remote import check_push_target, do_push, is_url, push_report, working_store
     from warmstart.snapshot.checkpoint import CheckpointOptions
     from warmstart.snapshot.checkpoint import checkpoint as do_checkpoint
+    from warmstart.store.compress import check_codec
 
     check_push_target(store, sign)  # --store URL: checkpoint locally, then push (below)
 
@@ -100,6 +109,7 @@ def checkpoint(
         gpu_lock_timeout_s=gpu_lock_timeout,
         durable=not no_fsync,
         labels=parse_pairs(label),
+        compress=check_codec(compress),
     )
     with progress(not json_out, f"checkpointing PID {pid}") as on_phase:
         local = working_store(store)

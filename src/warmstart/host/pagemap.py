@@ -78,7 +78,12 @@ def _messages(data: bytes, name: str) -> Iterator[bytes]:
 
 
 def read_pagemap(images: Path, pid: int) -> Pagemap:
-    path = Path(images) / f"pagemap-{pid}.img"
+    return read_pagemap_file(Path(images) / f"pagemap-{pid}.img", pid)
+
+
+def read_pagemap_file(path: Path, pid: int = 0) -> Pagemap:
+    """Any pagemap image (a task's, or ``pagemap-shmem-*.img``)."""
+    images = path.parent
     try:
         data = path.read_bytes()
     except FileNotFoundError:

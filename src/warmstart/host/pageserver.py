@@ -33,10 +33,11 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from warmstart.errors import CriuError
 from warmstart.host import uffd
@@ -57,11 +58,31 @@ def default_threads() -> int:
     return max(2, min(16, os.cpu_count() or 2))
 
 
+class PlainPages:
+    """A pages image as CRIU wrote it."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def readinto(self, view: memoryview, offset: int) -> int:
+        return os.preadv(self._fd, [view], offset)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class PagesSource(Protocol):
+    """Where the bytes of a pages image come from (the file, or a compressed form of it)."""
+
+    def readinto(self, view: memoryview, offset: int) -> int: ...
+    def close(self) -> None: ...
+
+
 @dataclass
 class _Task:
     pid: int
     fd: int
-    pages_fd: int
+    pages: PagesSource
     runs: list[PageRun]
     starts: list[int] = field(init=False)
     removed: list[tuple[int, int]] = field(default_factory=list)
@@ -102,8 +123,10 @@ class PageServer:
         *,
         threads: int | None = None,
         chunk: int = DEFAULT_CHUNK,
+        open_pages: Callable[[Path], PagesSource] = PlainPages,
     ) -> None:
         self.images = Path(images)
+        self.open_pages = open_pages
         self.socket_path = Path(work_dir) / SOCKET_NAME
         self.threads = threads or default_threads()
         self.chunk = max(PAGE_SIZE, chunk - chunk % PAGE_SIZE)
@@ -146,11 +169,11 @@ class PageServer:
         self.socket_path.unlink(missing_ok=True)
         with self._lock:
             for task in self._tasks.values():
-                for fd in (task.fd, task.pages_fd):
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
+                try:
+                    os.close(task.fd)
+                    task.pages.close()
+                except OSError:
+                    pass
             self._tasks.clear()
         self._epoll.close()
 
@@ -193,9 +216,9 @@ class PageServer:
 
     def _add_task(self, pid: int, fd: int) -> None:
         pagemap = read_pagemap(self.images, pid)
-        pages_fd = os.open(pagemap.pages, os.O_RDONLY | os.O_CLOEXEC)
+        pages = self.open_pages(pagemap.pages)
         runs = split_at_vmas(pagemap.lazy_runs, read_vmas(self.images, pid))
-        task = _Task(pid=pid, fd=fd, pages_fd=pages_fd, runs=runs)
+        task = _Task(pid=pid, fd=fd, pages=pages, runs=runs)
         with self._lock:
             self._tasks[fd] = task
             self._announced += 1
@@ -265,7 +288,7 @@ class PageServer:
 
         length = end - start
         view = memoryview(buf)[:length]
-        got = os.preadv(task.pages_fd, [view], run.offset + (start - run.vaddr))
+        got = task.pages.readinto(view, run.offset + (start - run.vaddr))
         if got != length:
             raise CriuError(
                 f"pages image of PID {task.pid} is shorter than its pagemap says",

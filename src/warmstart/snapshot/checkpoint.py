@@ -26,6 +26,7 @@ import errno
 import os
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from warmstart.snapshot.manifest import (
     ProcessTree,
 )
 from warmstart.snapshot.timing import PhaseListener, Timer
+from warmstart.store.compress import compress_file
 from warmstart.store.integrity import FollowingDigester
 from warmstart.store.local import LocalStore, Staging
 
@@ -59,6 +61,8 @@ class CheckpointOptions:
     #: fsync the snapshot before publishing it.
     durable: bool = True
     labels: dict[str, str] = field(default_factory=dict)
+    #: Compress the page images (``zstd`` or ``lz4``; None keeps CRIU's raw files).
+    compress: str | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,21 @@ def _add_criu_phases(timer: Timer, images: Path) -> None:
     timer.add("  memwrite", stats.memwrite_s, stats.pages_written * 4096)
 
 
+def _compress_pages(
+    images: Path, codec: str, digests: dict[str, tuple[int, str]]
+) -> tuple[int, dict[str, tuple[int, str]]]:
+    """Replace every pages image by its compressed form; (raw bytes, new digests)."""
+    out = dict(digests)
+    raw = 0
+    with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="compress") as pool:
+        for rel in sorted(r for r in digests if Path(r).match("pages-*.img")):
+            raw += digests[rel][0]
+            packed, size, digest = compress_file(images / rel, codec, pool)
+            del out[rel]
+            out[str(Path(rel).with_name(packed.name))] = (size, digest)
+    return raw, out
+
+
 def checkpoint(
     pid: int,
     *,
@@ -200,6 +219,10 @@ def checkpoint(
                     gpu.resume()
         with timer.phase("checksum"):
             digests = digester.finish()
+        if options.compress:
+            with timer.phase("compress"):
+                raw, digests = _compress_pages(staging.images, options.compress, digests)
+            timer.set_bytes("compress", raw)
         image_bytes = sum(size for size, _ in digests.values())
         timer.set_bytes("dump", image_bytes)
         manifest = Manifest(
@@ -217,6 +240,7 @@ def checkpoint(
             timings=timer.phases,
             criu_options=options.dump.as_record(),
             labels=options.labels,
+            compression=options.compress,
             **extra,
         )
         with timer.phase("publish"):

@@ -117,6 +117,8 @@ class Manifest(_Model):
     labels: dict[str, str] = Field(default_factory=dict)
     #: Set for container snapshots (``kind == "container"``).
     container: ContainerInfo | None = None
+    #: Codec of the page images (``pages-*.img.<codec>``, warmstart.store.compress); None: raw.
+    compression: Literal["zstd", "lz4"] | None = None
 
     @property
     def total_bytes(self) -> int:

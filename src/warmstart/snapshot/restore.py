@@ -10,6 +10,7 @@ failure at any later step kills the restored tree: nothing half-restored runs.
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,8 @@ from warmstart.snapshot import compat, hostinfo
 from warmstart.snapshot.gpu_state import GpuRestorePlan
 from warmstart.snapshot.manifest import IMAGES_DIR, Manifest
 from warmstart.snapshot.timing import PhaseListener, Timer
+from warmstart.snapshot.unpack import unpack_view
+from warmstart.store.compress import open_pages
 from warmstart.store.integrity import Expected, verify_files
 from warmstart.store.local import LocalStore
 
@@ -126,18 +129,28 @@ def restore(
     expected = [Expected(f.path, f.size, f.digest) for f in manifest.files]
     root_pid: int | None = None
     images = path / IMAGES_DIR
+    criu_images = images
+    if manifest.compression:
+        with timer.phase("unpack"):
+            criu_images = run_dir / "images"
+            unpacked = unpack_view(images, criu_images, lazy=parallel)
+        timer.set_bytes("unpack", unpacked)
     with ExitStack() as stack:
+        if criu_images != images:  # the unpacked view is only CRIU's to read
+            stack.callback(shutil.rmtree, criu_images, ignore_errors=True)
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify"))
         verifying = pool.submit(verify_files, path, expected) if request.verify else None
         server = (
-            stack.enter_context(PageServer(images, run_dir, threads=request.page_threads))
+            stack.enter_context(
+                PageServer(images, run_dir, threads=request.page_threads, open_pages=open_pages)
+            )
             if parallel
             else None
         )
         try:
             with timer.phase("criu-restore"):
-                root_pid = criu.restore(images, options, log=log)
-            stats = RestoreStats.read(images)
+                root_pid = criu.restore(criu_images, options, log=log)
+            stats = RestoreStats.read(criu_images)
             if stats:
                 timer.add("  forking", stats.forking_s)
                 timer.add("  restore", stats.restore_s, stats.pages_restored * 4096)
