@@ -43,6 +43,9 @@ from warmstart.snapshot.restore import RestoreRequest, restore  # noqa: E402
 from warmstart.store.local import LocalStore  # noqa: E402
 
 
+LOG: Path | None = None  # the worker's log, shown when a restored worker never gets ready
+
+
 def drop_caches() -> None:
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -87,7 +90,7 @@ def ours(
 def first_token(port: int, t0: float) -> float:
     import httpx
 
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 60
     while True:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
@@ -95,7 +98,8 @@ def first_token(port: int, t0: float) -> float:
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            raise SystemExit(f"restored worker on {port} never became ready")
+            log = LOG.read_text()[-2000:] if LOG and LOG.exists() else ""
+            raise SystemExit(f"restored worker on {port} never became ready\n{log}")
         time.sleep(0.005)
     body = {"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0}
     httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120).raise_for_status()
@@ -103,13 +107,16 @@ def first_token(port: int, t0: float) -> float:
 
 
 def snapshot_worker(args: argparse.Namespace, store: LocalStore, work: Path) -> tuple[str, Path | None]:
+    codec = None if args.compress == "none" else args.compress
     if args.model is None:
         tree = start_tree(work / "tree", args.mib)
-        checkpoint(tree.pid, store=store, name="speed")
+        checkpoint(tree.pid, store=store, name="speed", options=CheckpointOptions(compress=codec))
         tree.popen.wait()
         return "speed", None
     from coldstart import free_port, serve_cmd
 
+    global LOG
+    LOG = work / "worker.log"
     control = work / "control"
     control.mkdir()
     worker = subprocess.Popen(
@@ -123,7 +130,7 @@ def snapshot_worker(args: argparse.Namespace, store: LocalStore, work: Path) -> 
         time.sleep(0.05)
     ready = protocol.read_model(control / protocol.READY_FOR_SNAPSHOT, protocol.ReadyInfo)
     labels = {"checkpoint_id": ready.checkpoint_id} if ready.checkpoint_id else {}
-    checkpoint(ready.pid, store=store, name="speed", options=CheckpointOptions(labels=labels))
+    checkpoint(ready.pid, store=store, name="speed", options=CheckpointOptions(labels=labels, compress=codec))
     worker.wait()
     return "speed", control
 
@@ -136,6 +143,8 @@ def main() -> None:
     ap.add_argument("--kv-gib", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cold", action="store_true", help="also with a dropped page cache")
+    ap.add_argument("--compress", default="none", choices=["none", "zstd", "lz4"],
+                    help="take the snapshot with checkpoint --compress")  # fmt: skip
     ap.add_argument("--criu-pages", action="store_true",
                     help="warmstart without its page server (CRIU fills memory)")  # fmt: skip
     args = ap.parse_args()
@@ -147,6 +156,7 @@ def main() -> None:
         store = LocalStore(work / "store")
         name, control = snapshot_worker(args, store, work)
         size = store.manifest(name).total_bytes
+        compressed = store.manifest(name).compression is not None
         results: dict[str, list[float]] = {}
         phases: dict[str, list[dict[str, float]]] = {}
         for cache in ["warm", "cold"] if args.cold else ["warm"]:
@@ -155,6 +165,8 @@ def main() -> None:
                     if cache == "cold":
                         drop_caches()
                     if who == "naive":
+                        if compressed:
+                            continue  # bare CRIU cannot read compressed images
                         took, pid = naive(store, name, gpu)
                     else:
                         port = free_port() if control else None
@@ -174,11 +186,12 @@ def main() -> None:
     print(f"snapshot {size / 1e9:.2f} GB, {args.rounds} rounds, medians:")
     print(f"{'cache':>5} {'naive s':>8} {'warmstart s':>11} {'speed-up':>8} {'GB/s':>6} {'1st token s':>11}")
     for cache in ("warm", "cold"):
-        if f"{cache}/naive" not in med:
+        if f"{cache}/warmstart" not in med:
             continue
-        n, w = med[f"{cache}/naive"], med[f"{cache}/warmstart"]
+        n, w = med.get(f"{cache}/naive"), med[f"{cache}/warmstart"]
         ft = med.get(f"{cache}/first-token")
-        print(f"{cache:>5} {n:>8.2f} {w:>11.2f} {n / w:>7.2f}x {size / w / 1e9:>6.2f} "
+        print(f"{cache:>5} {'-' if n is None else f'{n:.2f}':>8} {w:>11.2f} "
+              f"{'-' if n is None else f'{n / w:.2f}x':>8} {size / w / 1e9:>6.2f} "
               f"{'' if ft is None else f'{ft:.2f}':>11}")  # fmt: skip
 
 

@@ -64,18 +64,26 @@ def has_terminal(pids: Iterable[int]) -> bool:
 
 def _dead(p: psutil.Process, root: int) -> bool:
     try:
-        return p.pid == root and p.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+        if p.status() != psutil.STATUS_ZOMBIE:
+            return False
+        if p.ppid() == os.getpid():
+            os.waitpid(p.pid, os.WNOHANG)  # ours to reap
+            return True
+        # init reaps an orphan at once: wait for the PID to be free; a live
+        # parent reaps when it likes, and that is not worth waiting for
+        return p.pid == root and p.ppid() != 1
+    except (psutil.NoSuchProcess, ChildProcessError):
         return True
 
 
 def kill_tree(pid: int, *, timeout: float = 10.0) -> None:
     """SIGKILL ``pid`` and its descendants and wait until none of them runs.
 
-    The root counts as gone once it is a zombie: reaping it is its parent's
-    business, and waiting for that (psutil does, for tasks that are not our
-    children) would wait on someone else. Its descendants are waited for until
-    their PIDs are free (init reaps them), so a restore can take them again.
+    A zombie root whose parent is alive counts as gone: reaping it is that
+    parent's business, and waiting for it (psutil does, for tasks that are
+    not our children) would wait on someone else. Everything else (orphans,
+    which init reaps at once, and descendants) is waited for until its PID is
+    free, so a restore can take it again.
     """
     try:
         procs = tree_processes(pid)

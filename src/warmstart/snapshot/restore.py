@@ -163,6 +163,11 @@ def restore(
                 with timer.phase("verify-wait"):
                     verified = verifying.result()
                 timer.add("  verified", 0.0, verified)
+            if request.control_dir is not None:
+                # A hand-over left by an earlier restore of this snapshot must not
+                # be read by this copy before its own is written.
+                for stale in (protocol.RESTORE_COMPLETE, protocol.RESTORE_CONTEXT):
+                    (Path(request.control_dir) / stale).unlink(missing_ok=True)
             with timer.phase("resume"):
                 proc.continue_tree(root_pid)
             if gpu_plan:
