@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from _support import Tree, start_tree  # noqa: E402
+from coldstart import first_token, free_port, serve_cmd  # noqa: E402
 
 from warmstart import protocol  # noqa: E402
 from warmstart.host.criu import DumpOptions, find_criu  # noqa: E402
@@ -41,9 +42,6 @@ from warmstart.snapshot.checkpoint import CheckpointOptions, checkpoint  # noqa:
 from warmstart.snapshot.manifest import IMAGES_DIR  # noqa: E402
 from warmstart.snapshot.restore import RestoreRequest, restore  # noqa: E402
 from warmstart.store.local import LocalStore  # noqa: E402
-
-
-LOG: Path | None = None  # the worker's log, shown when a restored worker never gets ready
 
 
 def drop_caches() -> None:
@@ -83,27 +81,8 @@ def ours(
     t0 = time.perf_counter()
     r = restore(name, store=store, request=request)
     took = time.perf_counter() - t0
-    ttft = first_token(port, t0) if port else None
+    ttft = first_token(port, t0, {}, timeout=60)[1] if port else None
     return took, r.pid, {p.name.strip(): p.seconds for p in r.timer.phases}, ttft
-
-
-def first_token(port: int, t0: float) -> float:
-    import httpx
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            log = LOG.read_text()[-2000:] if LOG and LOG.exists() else ""
-            raise SystemExit(f"restored worker on {port} never became ready\n{log}")
-        time.sleep(0.005)
-    body = {"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0}
-    httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120).raise_for_status()
-    return time.perf_counter() - t0
 
 
 def snapshot_worker(args: argparse.Namespace, store: LocalStore, work: Path) -> tuple[str, Path | None]:
@@ -113,10 +92,6 @@ def snapshot_worker(args: argparse.Namespace, store: LocalStore, work: Path) -> 
         checkpoint(tree.pid, store=store, name="speed", options=CheckpointOptions(compress=codec))
         tree.popen.wait()
         return "speed", None
-    from coldstart import free_port, serve_cmd
-
-    global LOG
-    LOG = work / "worker.log"
     control = work / "control"
     control.mkdir()
     worker = subprocess.Popen(
@@ -149,8 +124,6 @@ def main() -> None:
                     help="warmstart without its page server (CRIU fills memory)")  # fmt: skip
     args = ap.parse_args()
     gpu = args.model is not None and args.device.startswith("cuda")
-    from coldstart import free_port
-
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as d:
         work = Path(d)
         store = LocalStore(work / "store")

@@ -85,45 +85,24 @@ def _split(total: int, threads: int) -> list[tuple[int, int]]:
     return [(off, min(step, total - off)) for off in range(0, total, step)]
 
 
-def memcpy(size: int, threads: int) -> float:
-    """GB/s copying between two mapped (already faulted-in) buffers."""
-    src, dst = mmap.mmap(-1, size), mmap.mmap(-1, size)
+def _copy_rate(size: int, threads: int, *, src_size: int, fresh: bool) -> float:
+    """GB/s of ``threads`` threads copying ``size`` bytes into one buffer, from a
+    ``src_size`` source; ``fresh``: into memory never touched (page faults included)."""
+    src, dst = mmap.mmap(-1, src_size), mmap.mmap(-1, size)
     s = ctypes.addressof(ctypes.c_char.from_buffer(src))
     d = ctypes.addressof(ctypes.c_char.from_buffer(dst))
-    ctypes.memset(s, 1, size)
-    ctypes.memset(d, 0, size)
-    parts = _split(size, threads)
-
-    def run() -> int:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda p: ctypes.memmove(d + p[0], s + p[0], p[1]), parts))
-        return size
-
-    try:
-        return _timed(run)
-    finally:
-        del s, d
-        src.close()
-        dst.close()
-
-
-def populate(size: int, threads: int) -> float:
-    """GB/s copying into fresh anonymous memory (page faults included)."""
-    src = mmap.mmap(-1, _CHUNK)
-    s = ctypes.addressof(ctypes.c_char.from_buffer(src))
-    ctypes.memset(s, 1, _CHUNK)
-    dst = mmap.mmap(-1, size)
-    d = ctypes.addressof(ctypes.c_char.from_buffer(dst))
-    parts = _split(size, threads)
+    ctypes.memset(s, 1, src_size)
+    if not fresh:
+        ctypes.memset(d, 0, size)
 
     def fill(part: tuple[int, int]) -> None:
         off, length = part
         for pos in range(off, off + length, _CHUNK):
-            ctypes.memmove(d + pos, s, min(_CHUNK, off + length - pos))
+            ctypes.memmove(d + pos, s + pos % src_size, min(_CHUNK, off + length - pos))
 
     def run() -> int:
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(fill, parts))
+            list(pool.map(fill, _split(size, threads)))
         return size
 
     try:
@@ -132,6 +111,16 @@ def populate(size: int, threads: int) -> float:
         del s, d
         src.close()
         dst.close()
+
+
+def memcpy(size: int, threads: int) -> float:
+    """GB/s copying between two mapped (already faulted-in) buffers."""
+    return _copy_rate(size, threads, src_size=size, fresh=False)
+
+
+def populate(size: int, threads: int) -> float:
+    """GB/s copying into fresh anonymous memory (page faults included), as a page restore does."""
+    return _copy_rate(size, threads, src_size=_CHUNK, fresh=True)
 
 
 def read_file(path: Path, threads: int) -> float:
