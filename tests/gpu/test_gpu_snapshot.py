@@ -92,3 +92,26 @@ def test_two_cuda_processes_in_one_tree(tmp_path: Path) -> None:
         assert verify_equal(child)
     finally:
         kill_tree(r.pid)
+
+
+@pytest.mark.parametrize("codec", [None, "zstd"])
+def test_cuda_process_restores_through_the_page_server(tmp_path: Path, codec: str | None) -> None:
+    """The parallel page server fills the driver's checkpointed device memory back
+    (it lives in private anonymous pages) before the GPU restore reads it."""
+    from warmstart.snapshot.restore import RestoreRequest
+
+    tree = start(tmp_path / "w", 2.0)
+    assert verify_equal(tree)
+    store = LocalStore(tmp_path / "store")
+    checkpoint(tree.pid, store=store, name="pages", options=CheckpointOptions(compress=codec))
+    tree.popen.wait(timeout=30)
+    r = restore("pages", store=store, request=RestoreRequest(parallel_pages=True))
+    print(r.timer.phases)
+    fill = next(p for p in r.timer.phases if p.name == "page-fill")
+    assert fill.bytes and fill.bytes >= 2 << 30
+    back = Tree(tree.state, None, r.pid)
+    try:
+        back.wait_progress(60)
+        assert verify_equal(back)
+    finally:
+        kill_tree(r.pid)
