@@ -34,7 +34,7 @@ def free_port() -> int:
 
 
 def first_token(
-    port: int, t0: float, startup: dict[str, float], timeout: float = 600
+    port: int, t0: float, startup: dict[str, float], timeout: float = 600, prompt: dict | None = None
 ) -> tuple[float, float, str]:
     """(seconds to /ready, seconds to the first completion, its text), from t0.
 
@@ -53,7 +53,7 @@ def first_token(
     ready = time.perf_counter() - t0
     startup.clear()
     startup.update(httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).json().get("startup", {}))
-    r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=PROMPT, timeout=120).json()
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=prompt or PROMPT, timeout=300).json()
     return ready, time.perf_counter() - t0, r["choices"][0]["text"]
 
 

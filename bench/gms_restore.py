@@ -23,14 +23,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
+from coldstart import first_token as coldstart_first_token
+from coldstart import free_port
 
 PROMPT = {"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0}
 #: Qwen3-32B's shape per layer; the layer count is chosen from --gib
@@ -40,12 +40,6 @@ BIG = dict(hidden_size=5120, num_attention_heads=64, num_key_value_heads=8, head
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_big(out: Path, gib: float) -> Path:
@@ -136,19 +130,8 @@ def drop_caches() -> None:
 
 
 def first_token(port: int, t0: float, timeout: float = 900) -> float:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"worker on {port} never became ready")
-        time.sleep(0.01)
-    r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=PROMPT, timeout=300)
-    r.raise_for_status()
-    return time.perf_counter() - t0
+    """Seconds from t0 to the first one-token completion of the worker on ``port``."""
+    return coldstart_first_token(port, t0, {}, timeout, PROMPT)[1]
 
 
 DEVICE = "cuda"
