@@ -68,6 +68,9 @@ class Lane(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def bind(self) -> None:
+        """Make the calling thread able to drive this lane (a CUDA lane: its context)."""
+
 
 class ServerBackend(ABC):
     kind: str
@@ -96,7 +99,8 @@ class ServerBackend(ABC):
 
     @abstractmethod
     def lane(self, chunk: int) -> Lane:
-        """A copy lane with two staging buffers of ``chunk`` bytes (call from its own thread)."""
+        """A copy lane with two staging buffers of ``chunk`` bytes; the thread that
+        drives it calls :meth:`Lane.bind` first."""
 
     def close(self) -> None:  # noqa: B027 - optional
         pass

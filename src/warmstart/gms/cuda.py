@@ -213,6 +213,9 @@ class _CudaLane(Lane):
             self.destroy()
             raise
 
+    def bind(self) -> None:
+        self._d.current()
+
     def submit(self, index: int, nbytes: int, target: int, offset: int) -> None:
         self._d.drv.call("cuMemcpyHtoDAsync_v2", target + offset, self._ptrs[index], nbytes,
                          self._stream)  # fmt: skip

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from warmstart.errors import WarmstartError
-from warmstart.gms.backend import ServerBackend
+from warmstart.gms.backend import Lane, ServerBackend
 from warmstart.gms.layout import DIGEST_CHUNK, chunk_digest, combine_digests
 
 
@@ -113,13 +113,9 @@ def fill(
             if on_progress is not None and newly:
                 on_progress(*snapshot)
 
-        def run_lane() -> None:
+        def run_lane(lane: Lane) -> None:
             try:
-                lane = backend.lane(chunk_size)
-            except BaseException as exc:  # noqa: BLE001
-                state.error = state.error or exc
-                return
-            try:
+                lane.bind()
                 i, prev = 0, None
                 while state.error is None and not (cancel and cancel.is_set()):
                     ch = chunks.get()
@@ -150,7 +146,20 @@ def fill(
                 except BaseException as exc:  # noqa: BLE001
                     state.error = state.error or exc
 
-        threads = [threading.Thread(target=run_lane, name=f"gms-lane-{k}", daemon=True) for k in range(lanes)]
+        # Every lane is taken before any runs: a lane that finished early and went
+        # back to the backend's idle pool must not be handed out again in this fill.
+        taken = []
+        try:
+            for _ in range(lanes):
+                taken.append(backend.lane(chunk_size))
+        except BaseException:
+            for lane in taken:
+                lane.close()
+            raise
+        threads = [
+            threading.Thread(target=run_lane, args=(lane,), name=f"gms-lane-{k}", daemon=True)
+            for k, lane in enumerate(taken)
+        ]
         for t in threads:
             t.start()
         for t in threads:

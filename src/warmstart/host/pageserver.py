@@ -135,7 +135,7 @@ class PageServer:
         self._stop = threading.Event()
         self._errors: list[str] = []
         self._faults = 0
-        self._announced = 0
+        self._received: set[int] = set()
         self._listener: socket.socket | None = None
         self._epoll = select.epoll()
         self._threads: list[threading.Thread] = []
@@ -203,7 +203,6 @@ class PageServer:
                 if pid == RESTORE_FINISHED:
                     continue
                 if pid < 0:
-                    self._announced += 1
                     continue  # a zombie: nothing to serve
                 try:
                     _msg, fds, _flags, _addr = _recv_fds(conn, self._stop)
@@ -221,7 +220,7 @@ class PageServer:
         task = _Task(pid=pid, fd=fd, pages=pages, runs=runs)
         with self._lock:
             self._tasks[fd] = task
-            self._announced += 1
+            self._received.add(pid)
         self._epoll.register(fd, select.EPOLLIN)
         log.debug("page server: PID %d, %d lazy bytes", pid, pagemap.lazy_bytes)
 
@@ -323,21 +322,31 @@ class PageServer:
                 for start in range(run.vaddr, run.end, self.chunk):
                     yield task, run, start, min(run.end, start + self.chunk)
 
-    def fill(self, expected_tasks: int | None = None, timeout: float = 5.0) -> FillStats:
+    def expected_pids(self) -> set[int]:
+        """The tasks CRIU will hand over: every task with a pagemap image (zombies have none)."""
+        return {
+            int(p.name[len("pagemap-") : -len(".img")])
+            for p in self.images.glob("pagemap-*.img")
+            if p.name[len("pagemap-") : -len(".img")].isdigit()
+        }
+
+    def fill(self, timeout: float = 5.0) -> FillStats:
         """Copy every lazy page into every task, in parallel; raise on any failure.
 
-        Call once CRIU returned: it has announced every task by then, but the
-        last announcements may still be in flight, so wait for
-        ``expected_tasks`` of them (live or zombie).
+        Call once CRIU returned: it has handed over every task by then, but
+        the last descriptors may still be in flight, so wait until each task
+        with a pagemap has registered. A task left unfilled would read zeros
+        once its userfaultfd is closed, so a missing one fails the restore.
         """
         t0 = time.perf_counter()
-        if expected_tasks is not None:
-            deadline = time.monotonic() + timeout
-            while self._announced < expected_tasks and not self._errors:
-                if time.monotonic() > deadline:
-                    self._fail(f"CRIU announced {self._announced} of {expected_tasks} tasks")
-                    break
-                time.sleep(0.0005)
+        expected = self.expected_pids()
+        deadline = time.monotonic() + timeout
+        while not expected <= self._received and not self._errors:
+            if time.monotonic() > deadline:
+                missing = sorted(expected - self._received)
+                self._fail(f"CRIU never handed over the memory of PID {missing[0]}")
+                break
+            time.sleep(0.0005)
         self._raise_errors()
 
         def job(item: tuple[_Task, PageRun, int, int]) -> int:

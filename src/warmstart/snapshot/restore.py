@@ -156,7 +156,7 @@ def restore(
                 timer.add("  restore", stats.restore_s, stats.pages_restored * 4096)
             if server is not None:
                 with timer.phase("page-fill"):
-                    filled = server.fill(expected_tasks=len(manifest.tree.processes))
+                    filled = server.fill()
                     server.close()
                 timer.set_bytes("page-fill", filled.bytes)
             if verifying is not None:
