@@ -96,6 +96,31 @@ def _run_dir(name: str) -> Path:
     return path
 
 
+def _check(manifest: Manifest, request: RestoreRequest, criu: Criu) -> GpuRestorePlan | None:
+    """Everything that can refuse before a process exists; returns the GPU plan."""
+    compat.check_host(manifest, hostinfo.current(str(criu.version)))
+    gpu_plan = GpuRestorePlan.for_manifest(manifest, request.gpu_map)
+    if request.check_pids and (busy := _pids_in_use(manifest)):
+        raise UsageError(
+            f"PID {busy[0]} is in use, and snapshot {manifest.name!r} needs it",
+            hint="stop that process (an earlier restore of this snapshot?) and retry",
+        )
+    return gpu_plan
+
+
+def _clear_markers(control: Path) -> None:
+    """Markers left for the original, or by an earlier restore of this snapshot,
+    must not be read by this copy once it runs: only its own hand-over counts."""
+    for stale in (
+        protocol.SNAPSHOT_COMPLETE,
+        protocol.SNAPSHOT_FAILED,
+        protocol.READY_FOR_SNAPSHOT,
+        protocol.RESTORE_COMPLETE,
+        protocol.RESTORE_CONTEXT,
+    ):
+        (control / stale).unlink(missing_ok=True)
+
+
 def restore(
     name: str,
     *,
@@ -110,13 +135,7 @@ def restore(
         criu = criu or find_criu()
         path = store.path_of(name)
         manifest = Manifest.load(path)
-        compat.check_host(manifest, hostinfo.current(str(criu.version)))
-        gpu_plan = GpuRestorePlan.for_manifest(manifest, request.gpu_map)
-        if request.check_pids and (busy := _pids_in_use(manifest)):
-            raise UsageError(
-                f"PID {busy[0]} is in use, and snapshot {name!r} needs it",
-                hint="stop that process (an earlier restore of this snapshot?) and retry",
-            )
+        gpu_plan = _check(manifest, request, criu)
     run_dir = _run_dir(name)
     log = run_dir / "restore.log"
     parallel = _use_parallel_pages(request, manifest)
@@ -164,10 +183,7 @@ def restore(
                     verified = verifying.result()
                 timer.add("  verified", 0.0, verified)
             if request.control_dir is not None:
-                # A hand-over left by an earlier restore of this snapshot must not
-                # be read by this copy before its own is written.
-                for stale in (protocol.RESTORE_COMPLETE, protocol.RESTORE_CONTEXT):
-                    (Path(request.control_dir) / stale).unlink(missing_ok=True)
+                _clear_markers(Path(request.control_dir))
             with timer.phase("resume"):
                 proc.continue_tree(root_pid)
             if gpu_plan:
@@ -197,8 +213,5 @@ def _hand_over(manifest: Manifest, request: RestoreRequest, gpu_map: dict[str, s
         gpu_map=gpu_map or {},
         checkpoint_id=manifest.labels.get("checkpoint_id"),
     )
-    # A marker left for the original must not be read by the restored copy.
-    for stale in (protocol.SNAPSHOT_COMPLETE, protocol.SNAPSHOT_FAILED, protocol.READY_FOR_SNAPSHOT):
-        (control / stale).unlink(missing_ok=True)
     protocol.signal_file(control, protocol.RESTORE_CONTEXT, ctx)
     protocol.signal_file(control, protocol.RESTORE_COMPLETE)
