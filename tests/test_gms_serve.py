@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +26,6 @@ from warmstart.serve.main import _gms_labels  # noqa: E402
 from warmstart.serve.modelmake import make_model  # noqa: E402
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-CRIU = "/usr/local/sbin/criu"
 PROMPT = "Hello world, this is a warm start"
 KW = dict(device="cpu", kv_cache_gib=0.01, max_seq_len=128, max_num_seqs=2)
 
@@ -85,18 +83,10 @@ def test_engine_without_a_service_is_a_clear_error(tmp_path, model_dir):
         Engine(EngineConfig(model_dir, weights_from_gms=str(tmp_path / "none.sock"), **KW))
 
 
-def _criu_usable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    if not (os.path.exists(CRIU) or shutil.which("criu")):
-        return "criu not installed"
-    return None
-
 
 @pytest.mark.criu
 @pytest.mark.root
 @pytest.mark.slow
-@pytest.mark.skipif(_criu_usable() is not None, reason=str(_criu_usable()))
 def test_snapshot_without_weights_restores_and_reattaches(tmp_path, model_dir, reference_ids):
     import httpx
     import psutil
@@ -168,7 +158,6 @@ def _listening(port: int) -> bool:
 @pytest.mark.criu
 @pytest.mark.root
 @pytest.mark.slow
-@pytest.mark.skipif(_criu_usable() is not None, reason=str(_criu_usable()))
 def test_restore_bench_runs_on_cpu(tmp_path):
     """bench/gms_restore.py end to end with the memfd service and the tiny model (the GPU
     run differs only in device and size)."""
