@@ -124,6 +124,12 @@ def _counter(c) -> int:
     return int((c.rootfs / "data" / "counter").read_text().strip() or 0)
 
 
+def _counter_at_dump(c) -> int:
+    """The counter file as the snapshot captured it; empty (0) when the shell was frozen
+    between truncating and rewriting it: the count itself lives on in its memory."""
+    return int((c.upper / "data" / "counter").read_text().strip() or 0)
+
+
 def _ns(pid: int, ns: str) -> int:
     return os.stat(f"/proc/{pid}/ns/{ns}").st_ino
 
@@ -160,7 +166,7 @@ def test_checkpoint_and_restore_into_placeholder(env) -> None:
     wait_for(lambda: (orig.rootfs / "data/counter").exists() and _counter(orig) > 5, 20)
 
     op = _checkpoint(agent, "orig", "snap-a")
-    at_dump = int((orig.upper / "data/counter").read_text())
+    at_dump = _counter_at_dump(orig)
     assert op["result"]["size_bytes"] > 0 and op["result"]["image"] == "test-image"
     assert "dump" in op["result"]["timings"]
     assert orig.status() == "stopped"  # killed after the snapshot was published
@@ -209,7 +215,7 @@ def test_two_restores_in_parallel(env) -> None:
                          "runtime": "runc"}) for i in range(2)]
         done = [c.wait(op["id"], timeout=120) for op in ops]
     assert [d["state"] for d in done] == ["succeeded", "succeeded"], done
-    at_dump = [int((o.upper / "data/counter").read_text()) for o in origs]
+    at_dump = [_counter_at_dump(o) for o in origs]
 
     # s0 -> p0, s1 -> p1, and s0 again -> p2 (one snapshot, many replicas), all at once
     plan = [("p0", "s0"), ("p1", "s1"), ("p2", "s0")]
