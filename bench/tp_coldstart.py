@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,15 +33,13 @@ import psutil
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 sys.path.insert(0, SRC)
 
+from coldstart import first_token as coldstart_first_token  # noqa: E402
+from coldstart import free_port  # noqa: E402
+
 from warmstart import protocol  # noqa: E402
+from warmstart.host.process import kill_tree  # noqa: E402
 
 PROMPT = {"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_cmd(args: argparse.Namespace, port: int) -> list[str]:
@@ -54,42 +50,15 @@ def serve_cmd(args: argparse.Namespace, port: int) -> list[str]:
 
 
 def first_token(port: int, t0: float, timeout: float = 900) -> tuple[float, float, str, dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            r = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1)
-            if r.status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"worker on {port} never became ready")
-        time.sleep(0.01)
-    ready = time.perf_counter() - t0
-    info = r.json()
-    out = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=PROMPT, timeout=120).json()
-    return ready, time.perf_counter() - t0, out["choices"][0]["text"], info
+    """coldstart's measurement, plus the worker's whole /ready report (graphs, TP rebuild)."""
+    ready, ttft, text = coldstart_first_token(port, t0, {}, timeout, PROMPT)
+    return ready, ttft, text, httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).json()
 
 
 def env() -> dict[str, str]:
     e = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     e.pop("CUDA_VISIBLE_DEVICES", None)
     return e
-
-
-def kill_tree(pid: int) -> None:
-    try:
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    deadline = time.time() + 60
-    while any(psutil.pid_exists(p.pid) for p in procs) and time.time() < deadline:
-        time.sleep(0.05)
 
 
 def cold(args: argparse.Namespace) -> dict:

@@ -470,14 +470,7 @@ class RankLauncher:
             if self._failed:
                 return
             self._failed = True
-        self._stop_watch.set()
-        for r in self.ranks:
-            if r.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    r.popen.kill()
-        for r in self.ranks:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                r.popen.wait(10)
+        self.stop()
         self._on_fail(message)
 
     @staticmethod
