@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from _support import WORKLOADS, Tree, wait_for  # noqa: E402
+from warmstart.errors import WarmstartError  # noqa: E402
 from warmstart.gpu import load_driver  # noqa: E402
 from warmstart.host.criu import find_criu  # noqa: E402
 from warmstart.host.process import kill_tree  # noqa: E402
@@ -45,6 +46,13 @@ def start(state: Path, gib: float) -> Tree:
 
 def naive(work: Path, gib: float) -> dict[str, float]:
     t = start(work / "naive-w", gib)
+    try:
+        return _naive(t, work)
+    finally:
+        kill_tree(t.pid)
+
+
+def _naive(t: Tree, work: Path) -> dict[str, float]:
     drv, criu = load_driver(), find_criu()
     images = work / "naive-img"
     images.mkdir()
@@ -62,7 +70,6 @@ def naive(work: Path, gib: float) -> dict[str, float]:
     drv.unlock(t.pid)
     t5 = time.perf_counter()
     Tree(t.state, None, t.pid).wait_progress(60)
-    kill_tree(t.pid)
     shutil.rmtree(images)
     return {"gpu_checkpoint": t1 - t0, "criu_dump": t2 - t1, "checkpoint": t2 - t0,
             "criu_restore": t4 - t3, "gpu_restore": t5 - t4, "restore": t5 - t3}  # fmt: skip
@@ -71,11 +78,13 @@ def naive(work: Path, gib: float) -> dict[str, float]:
 def ours(work: Path, gib: float) -> dict[str, float]:
     t = start(work / "ws-w", gib)
     store = LocalStore(work / "store")
-    c = checkpoint(t.pid, store=store, name="bench")
-    t.popen.wait()
-    r = restore("bench", store=store)
-    Tree(t.state, None, r.pid).wait_progress(60)
-    kill_tree(r.pid)
+    try:
+        c = checkpoint(t.pid, store=store, name="bench")
+        t.popen.wait()
+        r = restore("bench", store=store)
+        Tree(t.state, None, r.pid).wait_progress(60)
+    finally:
+        kill_tree(t.pid)  # the restored tree has the original's pid
     phases = {p.name.strip(): p.seconds for p in c.timer.phases} | {
         "r_" + p.name.strip(): p.seconds for p in r.timer.phases
     }
@@ -90,27 +99,30 @@ def main() -> None:
     ap.add_argument("--gib", type=float, nargs="+", default=[1, 8])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    header = (f"{'GiB':>5} {'dev GB':>7} {'naive ckpt':>10} {'ws ckpt':>8} {'ratio':>6} "
+              f"{'naive rst':>9} {'ws rst':>7} {'ratio':>6} {'GPU rst GB/s':>12}")  # fmt: skip
     rows = []
+    if not args.json:
+        print(header, flush=True)
     for gib in args.gib:
-        with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
-            n = naive(Path(d), gib)
-        with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
-            w = ours(Path(d), gib)
-        rows.append({"gib": gib, "naive": n, "warmstart": w,
-                     "checkpoint_ratio": w["checkpoint"] / n["checkpoint"],
-                     "restore_ratio": w["restore"] / n["restore"]})  # fmt: skip
+        try:
+            with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+                n = naive(Path(d), gib)
+            with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+                w = ours(Path(d), gib)
+        except (subprocess.CalledProcessError, WarmstartError) as exc:  # one size failing keeps the others
+            print(f"{gib:>5} failed: {exc}", file=sys.stderr, flush=True)
+            continue
+        r = {"gib": gib, "naive": n, "warmstart": w,
+             "checkpoint_ratio": w["checkpoint"] / n["checkpoint"], "restore_ratio": w["restore"] / n["restore"]}  # fmt: skip
+        rows.append(r)
+        if not args.json:
+            gbs = w["device_bytes"] / w["gpu_restore"] / 1e9 if w["gpu_restore"] else 0
+            print(f"{gib:>5} {w['device_bytes'] / 1e9:>7.2f} {n['checkpoint']:>10.2f} {w['checkpoint']:>8.2f} "
+                  f"{r['checkpoint_ratio']:>6.2f} {n['restore']:>9.2f} {w['restore']:>7.2f} "
+                  f"{r['restore_ratio']:>6.2f} {gbs:>12.2f}", flush=True)  # fmt: skip
     if args.json:
         print(json.dumps(rows, indent=2))
-        return
-    print(f"{'GiB':>5} {'dev GB':>7} {'naive ckpt':>10} {'ws ckpt':>8} {'ratio':>6} "
-          f"{'naive rst':>9} {'ws rst':>7} {'ratio':>6} {'GPU rst GB/s':>12}")  # fmt: skip
-    for r in rows:
-        n, w = r["naive"], r["warmstart"]
-        gbs = w["device_bytes"] / w["gpu_restore"] / 1e9 if w["gpu_restore"] else 0
-        print(f"{r['gib']:>5} {w['device_bytes'] / 1e9:>7.2f} {n['checkpoint']:>10.2f} {w['checkpoint']:>8.2f} "
-              f"{r['checkpoint_ratio']:>6.2f} {n['restore']:>9.2f} {w['restore']:>7.2f} "
-              f"{r['restore_ratio']:>6.2f} {gbs:>12.2f}")  # fmt: skip
-
 
 if __name__ == "__main__":
     main()

@@ -77,10 +77,10 @@ def naive(store: LocalStore, name: str, gpu: bool) -> tuple[float, int]:
 
 
 def ours(
-    store: LocalStore, name: str, control: Path | None, port: int | None, parallel: bool
+    store: LocalStore, name: str, control: Path | None, port: int | None, parallel: bool, lazy: bool
 ) -> tuple[float, int, dict[str, float], float | None]:
     env = {"WARMSTART_PORT": str(port)} if port else {}
-    request = RestoreRequest(control_dir=control, env=env, parallel_pages=parallel)
+    request = RestoreRequest(control_dir=control, env=env, parallel_pages=parallel or lazy, lazy=lazy)
     t0 = time.perf_counter()
     r = restore(name, store=store, request=request)
     took = time.perf_counter() - t0
@@ -125,6 +125,9 @@ def main() -> None:
                     help="take the snapshot with checkpoint --compress")  # fmt: skip
     ap.add_argument("--criu-pages", action="store_true",
                     help="warmstart without its page server (CRIU fills memory)")  # fmt: skip
+    ap.add_argument("--modes", nargs="+", default=["naive", "warmstart", "lazy"],
+                    choices=["naive", "warmstart", "lazy"],
+                    help="lazy: warmstart restore --lazy (runs while the pages are filled)")  # fmt: skip
     args = ap.parse_args()
     gpu = args.model is not None and args.device.startswith("cuda")
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as d:
@@ -137,7 +140,7 @@ def main() -> None:
         phases: dict[str, list[dict[str, float]]] = {}
         for cache in ["warm", "cold"] if args.cold else ["warm"]:
             for _ in range(args.rounds):
-                for who in ("naive", "warmstart"):
+                for who in args.modes:
                     if cache == "cold":
                         drop_caches()
                     if who == "naive":
@@ -146,10 +149,10 @@ def main() -> None:
                         took, pid = naive(store, name, gpu)
                     else:
                         port = free_port() if control else None
-                        took, pid, ph, ttft = ours(store, name, control, port, not args.criu_pages)
-                        phases.setdefault(cache, []).append(ph)
+                        took, pid, ph, ttft = ours(store, name, control, port, not args.criu_pages, who == "lazy")
+                        phases.setdefault(f"{cache}/{who}", []).append(ph)
                         if ttft is not None:
-                            results.setdefault(f"{cache}/first-token", []).append(ttft)
+                            results.setdefault(f"{cache}/{who}/first-token", []).append(ttft)
                     results.setdefault(f"{cache}/{who}", []).append(took)
                     if control is None:
                         Tree(work / "tree", None, pid).wait_progress(60)
@@ -160,16 +163,15 @@ def main() -> None:
            "warmstart_phases": phases}  # fmt: skip
     print(json.dumps(out, indent=1))
     print(f"snapshot {size / 1e9:.2f} GB, {args.rounds} rounds, medians:")
-    print(f"{'cache':>5} {'naive s':>8} {'warmstart s':>11} {'speed-up':>8} {'GB/s':>6} {'1st token s':>11}")
+    print(f"{'cache':>5} {'mode':>9} {'restore s':>9} {'vs naive':>8} {'GB/s':>6} {'1st token s':>11}")
     for cache in ("warm", "cold"):
-        if f"{cache}/warmstart" not in med:
-            continue
-        n, w = med.get(f"{cache}/naive"), med[f"{cache}/warmstart"]
-        ft = med.get(f"{cache}/first-token")
-        print(f"{cache:>5} {'-' if n is None else f'{n:.2f}':>8} {w:>11.2f} "
-              f"{'-' if n is None else f'{n / w:.2f}x':>8} {size / w / 1e9:>6.2f} "
-              f"{'' if ft is None else f'{ft:.2f}':>11}")  # fmt: skip
-
+        n = med.get(f"{cache}/naive")
+        for who in args.modes:
+            if (w := med.get(f"{cache}/{who}")) is None:
+                continue
+            ft = med.get(f"{cache}/{who}/first-token")
+            print(f"{cache:>5} {who:>9} {w:>9.2f} {'-' if n is None else f'{n / w:.2f}x':>8} "
+                  f"{size / w / 1e9:>6.2f} {'' if ft is None else f'{ft:.2f}':>11}")  # fmt: skip
 
 if __name__ == "__main__":
     main()

@@ -142,3 +142,60 @@ def test_compressed_pages_read_any_range(tmp_path_factory, data: bytes, offset: 
         assert bytes(buf[:got]) == data[offset : offset + length]
     finally:
         reader.close()
+
+
+@pytest.mark.criu
+def test_lazy_restore_runs_while_filling_and_keeps_every_byte(tree_factory, store_dir: Path) -> None:
+    tree = tree_factory(mem_mib=128)
+    before = tree.digests()
+    store = LocalStore(store_dir)
+    checkpoint(tree.pid, store=store, name="lazy")
+    tree.popen.wait(timeout=10)
+    restored = restore("lazy", store=store, request=RestoreRequest(lazy=True))
+    try:
+        names = [p.name.strip() for p in restored.timer.phases]
+        # the tree was let run before the fill was over, and the fill still finished
+        assert names.index("resume") < names.index("page-fill-wait")
+        assert "page-fill" not in names
+        back = Tree(tree.state, None, restored.pid)
+        back.wait_progress()
+        assert back.digests() == before
+    finally:
+        kill_tree(restored.pid)
+
+
+class _FailingPages:
+    """A pages image whose storage goes away after a few reads."""
+
+    def __init__(self, path: Path, reads_left: int) -> None:
+        from warmstart.host.pageserver import PlainPages
+
+        self._inner = PlainPages(path)
+        self._left = reads_left
+
+    def readinto(self, view: memoryview, offset: int) -> int:
+        if self._left <= 0:
+            raise OSError(5, "Input/output error")
+        self._left -= 1
+        return self._inner.readinto(view, offset)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+@pytest.mark.criu
+def test_lazy_restore_whose_page_source_disappears_kills_the_worker(
+    tree_factory, store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tree already runs when the source fails: it must die, not read zeros."""
+    import warmstart.snapshot.restore as restore_mod
+
+    tree = tree_factory(mem_mib=128)
+    store = LocalStore(store_dir)
+    checkpoint(tree.pid, store=store, name="gone")
+    tree.popen.wait(timeout=10)
+    monkeypatch.setattr(restore_mod, "open_pages", lambda path: _FailingPages(path, reads_left=3))
+    with pytest.raises(CriuError, match="Input/output error"):
+        restore("gone", store=store, request=RestoreRequest(lazy=True, verify=False))
+    assert not psutil.pid_exists(tree.pid) or psutil.Process(tree.pid).status() == psutil.STATUS_ZOMBIE
+    assert not Tree(tree.state, None, tree.pid).alive()

@@ -60,8 +60,18 @@ class Service:
             [sys.executable, "-m", "warmstart", "gms", "serve", "--gpu", "0", "--socket", str(self.sock)],
             env=_env(), stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), start_new_session=True,
         )  # fmt: skip
-        wait_for(lambda: self.sock.exists() or self.proc.poll() is not None, 120, "service socket", self.log)
+        # A killed predecessor leaves its socket file behind: wait until this one answers.
+        wait_for(lambda: self.answers() or self.proc.poll() is not None, 120, "service socket", self.log)
         assert self.proc.poll() is None, self.log.read_text()
+
+    def answers(self) -> bool:
+        from warmstart.errors import GmsUnavailable
+
+        try:
+            self.status()
+        except GmsUnavailable:
+            return False
+        return True
 
     def status(self):  # type: ignore[no-untyped-def]
         from warmstart.gms.client import status
@@ -101,8 +111,19 @@ class Worker:
         )  # fmt: skip
         self.pid = self.proc.pid
 
-    def wait_ready(self, port: int | None = None) -> None:
-        wait_for(lambda: _ready(port or self.port) or (self.proc.poll() is not None), 300, "worker ready", self.log)
+    def wait_ready(self, port: int | None = None, pid: int | None = None) -> None:
+        """Until the worker answers on ``port``; ``pid`` is the restored process to watch
+        (the original, killed at the checkpoint, is no sign of failure then)."""
+
+        def gone() -> bool:
+            if pid is None:
+                return self.proc.poll() is not None
+            try:
+                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        wait_for(lambda: _ready(port or self.port) or gone(), 300, "worker ready", self.log)
         assert _ready(port or self.port), self.log.read_text(errors="replace")[-4000:]
 
     def stop(self) -> None:
@@ -240,7 +261,7 @@ def test_checkpoint_restore_with_the_service(tmp_path: Path, qwen: Path, service
         port = _free_port()
         result = restore("q", store=store, request=RestoreRequest(control_dir=cdir, env={"WARMSTART_PORT": str(port)}))
         restored_pid = result.pid
-        w.wait_ready(port)
+        w.wait_ready(port, pid=restored_pid)
         after = complete(port)
         (entry,) = svc.status().entries
         assert entry.readers == 1

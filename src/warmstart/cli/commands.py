@@ -162,9 +162,16 @@ def restore(
         Optional[bool],
         typer.Option(
             "--parallel-pages/--no-parallel-pages",
-            help="Fill memory with warmstart's parallel page server (default: on where userfaultfd is allowed, for snapshots without GPU state).",
+            help="Fill memory with warmstart's parallel page server (default: on where userfaultfd is allowed).",
         ),
     ] = None,
+    lazy: Annotated[
+        bool,
+        typer.Option(
+            "--lazy",
+            help="Let the tree run and restore its GPU state while pages are still filled (faults served on demand); the worker is handed over once the fill and checksums are done.",
+        ),
+    ] = False,
     page_threads: Annotated[
         Optional[int], typer.Option("--page-threads", min=1, max=256, help="Page-server threads.")
     ] = None,
@@ -191,6 +198,7 @@ def restore(
         env=parse_pairs(env),
         parallel_pages=parallel_pages,
         page_threads=page_threads,
+        lazy=lazy,
     )
     from warmstart.gms.preflight import prepare_restore
 

@@ -25,8 +25,10 @@ dummy byte. A negative PID announces a zombie, with no descriptor.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import errno
 import logging
+import mmap
 import os
 import select
 import socket
@@ -58,21 +60,57 @@ def default_threads() -> int:
     return max(2, min(16, os.cpu_count() or 2))
 
 
+#: madvise(2) advice that maps a range's page-cache pages in one call (Linux 5.14+).
+_MADV_POPULATE_READ = 22
+
+
 class PlainPages:
-    """A pages image as CRIU wrote it."""
+    """A pages image as CRIU wrote it.
+
+    The file is also mapped, so :meth:`address` lets ``UFFDIO_COPY`` read the
+    page cache directly: one copy per byte instead of ``pread`` + copy.
+    """
 
     def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.size = os.fstat(self._fd).st_size
+        self._map: mmap.mmap | None = None
+        self._base = 0
+        if self.size:
+            # ACCESS_COPY is MAP_PRIVATE: writable to ctypes, never written, so never copied.
+            self._map = mmap.mmap(self._fd, self.size, access=mmap.ACCESS_COPY)
+            first = ctypes.c_char.from_buffer(self._map)
+            self._base = ctypes.addressof(first)
+            del first  # the address stays valid while the mapping is open; the export must not
 
     def readinto(self, view: memoryview, offset: int) -> int:
         return os.preadv(self._fd, [view], offset)
 
+    def address(self, offset: int, length: int) -> int | None:
+        """Where [offset, offset + length) of the image is mapped here, its pages read in."""
+        if self._map is None or offset + length > self.size:
+            return None  # short image: the caller's read reports it
+        start = offset - offset % mmap.PAGESIZE
+        try:
+            self._map.madvise(_MADV_POPULATE_READ, start, offset + length - start)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: older kernel, UFFDIO_COPY faults them in itself
+                return None  # e.g. the file shrank: the caller's read reports it
+        return self._base + offset
+
     def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
         os.close(self._fd)
 
 
 class PagesSource(Protocol):
-    """Where the bytes of a pages image come from (the file, or a compressed form of it)."""
+    """Where the bytes of a pages image come from (the file, or a compressed form of it).
+
+    A source may also offer ``address(offset, length) -> int | None``: the
+    bytes mapped in this process, copied from there without a read.
+    """
 
     def readinto(self, view: memoryview, offset: int) -> int: ...
     def close(self) -> None: ...
@@ -100,6 +138,18 @@ class _Task:
     def is_removed(self, addr: int) -> bool:
         return any(s <= addr < e for s, e in self.removed)
 
+    def live_parts(self, start: int, end: int) -> list[tuple[int, int]]:
+        """[start, end) less what the task unmapped or discarded since the restore."""
+        parts = [(start, end)]
+        for rs, re_ in self.removed:
+            parts = [
+                piece
+                for s, e in parts
+                for piece in ((s, min(e, rs)), (max(s, re_), e))
+                if piece[0] < piece[1]
+            ]
+        return parts
+
 
 @dataclass(frozen=True)
 class FillStats:
@@ -124,15 +174,20 @@ class PageServer:
         threads: int | None = None,
         chunk: int = DEFAULT_CHUNK,
         open_pages: Callable[[Path], PagesSource] = PlainPages,
+        zero_copy: bool = True,
     ) -> None:
         self.images = Path(images)
         self.open_pages = open_pages
+        #: Copy from the mapped image where the source allows (False: always pread first).
+        self.zero_copy = zero_copy
         self.socket_path = Path(work_dir) / SOCKET_NAME
         self.threads = threads or default_threads()
         self.chunk = max(PAGE_SIZE, chunk - chunk % PAGE_SIZE)
         self._tasks: dict[int, _Task] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._cancelled = threading.Event()
+        self._filling = threading.Lock()
         self._errors: list[str] = []
         self._faults = 0
         self._received: set[int] = set()
@@ -159,6 +214,11 @@ class PageServer:
         self.close()
 
     def close(self) -> None:
+        """Stop serving. A fill still running (lazy restore) is cancelled and
+        waited for first, so no thread uses a descriptor after it is closed."""
+        self._cancelled.set()
+        with self._filling:
+            pass
         self._stop.set()
         for t in self._threads:
             t.join()
@@ -244,7 +304,10 @@ class PageServer:
                     self._fail(f"reading events of PID {task.pid}: {exc}")
                     continue
                 for msg in uffd.parse_messages(data):
-                    self._handle(task, msg)
+                    try:
+                        self._handle(task, msg)
+                    except Exception as exc:  # noqa: BLE001 - the faulting task stays blocked; fill() raises
+                        self._fail(f"serving PID {task.pid}: {exc}")
 
     def _handle(self, task: _Task, msg: uffd.Message) -> None:
         if msg.event == uffd.EVENT_PAGEFAULT:
@@ -281,19 +344,30 @@ class PageServer:
             self._local.buf = buf
         return buf
 
-    def _copy(self, task: _Task, run: PageRun, start: int, end: int, buf: bytearray) -> int:
+    def _copy(
+        self, task: _Task, run: PageRun, start: int, end: int, buf: bytearray, *, buffered: bool = False
+    ) -> int:
         """Copy [start, end) of ``run`` into the task; return the bytes placed."""
-        import ctypes
-
         length = end - start
-        view = memoryview(buf)[:length]
-        got = task.pages.readinto(view, run.offset + (start - run.vaddr))
-        if got != length:
-            raise CriuError(
-                f"pages image of PID {task.pid} is shorter than its pagemap says",
-                hint="the snapshot is damaged; take a new one",
-            )
-        src = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        offset = run.offset + (start - run.vaddr)
+        mapped = None if buffered or not self.zero_copy else getattr(task.pages, "address", None)
+        src = mapped(offset, length) if mapped is not None else None
+        buffered = src is None
+        if src is None:
+            view = memoryview(buf)[:length]
+            try:
+                got = task.pages.readinto(view, offset)
+            except OSError as exc:
+                raise CriuError(
+                    f"reading the pages image of PID {task.pid} failed: {exc.strerror or exc}",
+                    hint="check the snapshot's storage; take a new snapshot if it is damaged",
+                ) from None
+            if got != length:
+                raise CriuError(
+                    f"pages image of PID {task.pid} is shorter than its pagemap says",
+                    hint="the snapshot is damaged; take a new one",
+                )
+            src = ctypes.addressof(ctypes.c_char.from_buffer(buf))
         placed = pos = 0
         while pos < length:
             err, copied = uffd.copy(task.fd, start + pos, src + pos, length - pos)
@@ -305,6 +379,9 @@ class PageServer:
                 pos += PAGE_SIZE  # already there (a fault beat us to it)
             elif err == errno.EAGAIN:
                 time.sleep(0.0005)  # layout events pending: let the event loop read them
+            elif err == errno.EFAULT and not buffered:
+                # The mapped image could not be read (it shrank?): read the rest, which says why.
+                return placed + self._copy(task, run, start + pos, end, buf, buffered=True)
             elif err in (errno.ENOENT, errno.ESRCH, errno.EFAULT):
                 break  # the range or the task is gone
             else:
@@ -338,10 +415,16 @@ class PageServer:
         with a pagemap has registered. A task left unfilled would read zeros
         once its userfaultfd is closed, so a missing one fails the restore.
         """
+        with self._filling:
+            if self._cancelled.is_set():
+                raise CriuError("page server: closed before the fill", hint="retry the restore")
+            return self._fill(timeout)
+
+    def _fill(self, timeout: float) -> FillStats:
         t0 = time.perf_counter()
         expected = self.expected_pids()
         deadline = time.monotonic() + timeout
-        while not expected <= self._received and not self._errors:
+        while not expected <= self._received and not self._errors and not self._cancelled.is_set():
             if time.monotonic() > deadline:
                 missing = sorted(expected - self._received)
                 self._fail(f"CRIU never handed over the memory of PID {missing[0]}")
@@ -351,13 +434,17 @@ class PageServer:
 
         def job(item: tuple[_Task, PageRun, int, int]) -> int:
             task, run, start, end = item
-            if task.is_removed(start):
+            if self._cancelled.is_set():
                 return 0
-            return self._copy(task, run, start, end, self._buffer(self.chunk))
+            with self._lock:  # a running (lazy) task may have dropped parts of it since
+                parts = task.live_parts(start, end)
+            return sum(self._copy(task, run, s, e, self._buffer(self.chunk)) for s, e in parts)
 
         with ThreadPoolExecutor(self.threads, thread_name_prefix="pages-fill") as pool:
             moved = sum(pool.map(job, self._jobs()))
         self._raise_errors()
+        if self._cancelled.is_set():
+            raise CriuError("page server: fill cancelled", hint="retry the restore")
         return FillStats(len(self._tasks), moved, time.perf_counter() - t0, self._faults)
 
     def _fail(self, message: str) -> None:

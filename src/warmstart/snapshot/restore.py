@@ -13,7 +13,7 @@ import datetime as dt
 import shutil
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ from warmstart.errors import UsageError
 from warmstart.host import process as proc
 from warmstart.host import uffd
 from warmstart.host.criu import Criu, DumpOptions, RestoreOptions, find_criu
-from warmstart.host.pageserver import PageServer
+from warmstart.host.pageserver import FillStats, PageServer
 from warmstart.host.stats import RestoreStats
 from warmstart.snapshot import compat, hostinfo
 from warmstart.snapshot.gpu_state import GpuRestorePlan
@@ -45,9 +45,12 @@ class RestoreRequest:
     control_dir: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
     #: Fill memory with warmstart's parallel page server instead of CRIU's
-    #: single-threaded read (``None``: where this host allows userfaultfd, for
-    #: snapshots without GPU state).
+    #: single-threaded read (``None``: where this host allows userfaultfd).
     parallel_pages: bool | None = None
+    #: Let the tree run (and get its GPU state back) while the page server is
+    #: still filling; faults are served on demand. The hand-over waits for the
+    #: fill and the checksums, so the worker serves nothing until both are done.
+    lazy: bool = False
     #: Page-server threads (default: up to 16, one per core).
     page_threads: int | None = None
     #: Refuse when a PID of the snapshot's tree is in use here. Container restores
@@ -75,18 +78,18 @@ def _pids_in_use(manifest: Manifest) -> list[str]:
     return busy
 
 
-def _use_parallel_pages(request: RestoreRequest, manifest: Manifest) -> bool:
-    if request.parallel_pages is None:
-        # Not yet run against the CUDA driver's restore on a GPU machine: GPU
-        # snapshots keep CRIU's own page restore unless asked (docs/restore-speed.md).
-        return uffd.available() and not manifest.gpus
-    if request.parallel_pages and not uffd.available():
+def _use_parallel_pages(request: RestoreRequest) -> bool:
+    if request.lazy and request.parallel_pages is False:
+        raise UsageError("--lazy needs the page server", hint="drop --no-parallel-pages")
+    if request.parallel_pages is None and not request.lazy:
+        return uffd.available()
+    if (request.parallel_pages or request.lazy) and not uffd.available():
         raise UsageError(
             "parallel page restore needs userfaultfd, which this host does not allow",
             hint="run as root with vm.unprivileged_userfaultfd or CAP_SYS_PTRACE, "
             "or pass --no-parallel-pages",
         )
-    return request.parallel_pages
+    return True if request.lazy else bool(request.parallel_pages)
 
 
 def _run_dir(name: str) -> Path:
@@ -138,7 +141,7 @@ def restore(
         gpu_plan = _check(manifest, request, criu)
     run_dir = _run_dir(name)
     log = run_dir / "restore.log"
-    parallel = _use_parallel_pages(request, manifest)
+    parallel = _use_parallel_pages(request)
     options = RestoreOptions(
         dump=DumpOptions.from_record(manifest.criu_options),
         leave_stopped=True,
@@ -157,7 +160,7 @@ def restore(
     with ExitStack() as stack:
         if criu_images != images:  # the unpacked view is only CRIU's to read
             stack.callback(shutil.rmtree, criu_images, ignore_errors=True)
-        pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify"))
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=2, thread_name_prefix="restore"))
         verifying = pool.submit(verify_files, path, expected) if request.verify else None
         server = (
             stack.enter_context(
@@ -166,6 +169,8 @@ def restore(
             if parallel
             else None
         )
+        filling: Future[FillStats] | None = None
+        filled_bytes = 0
         try:
             with timer.phase("criu-restore"):
                 root_pid = criu.restore(criu_images, options, log=log)
@@ -173,15 +178,15 @@ def restore(
             if stats:
                 timer.add("  forking", stats.forking_s)
                 timer.add("  restore", stats.restore_s, stats.pages_restored * 4096)
-            if server is not None:
+            if server is not None and request.lazy:
+                filling = pool.submit(server.fill)
+            elif server is not None:
                 with timer.phase("page-fill"):
-                    filled = server.fill()
+                    filled_bytes = server.fill().bytes
                     server.close()
-                timer.set_bytes("page-fill", filled.bytes)
-            if verifying is not None:
-                with timer.phase("verify-wait"):
-                    verified = verifying.result()
-                timer.add("  verified", 0.0, verified)
+                timer.set_bytes("page-fill", filled_bytes)
+            if verifying is not None and filling is None:
+                _wait_verified(timer, verifying)
             if request.control_dir is not None:
                 _clear_markers(Path(request.control_dir))
             with timer.phase("resume"):
@@ -191,17 +196,34 @@ def restore(
                     if request.pid_map is not None:
                         gpu_plan = gpu_plan.with_pids(request.pid_map)
                     gpu_plan.restore()
+            if filling is not None and server is not None:
+                with timer.phase("page-fill-wait"):
+                    filled_bytes = filling.result().bytes
+                    server.close()
+                timer.set_bytes("page-fill-wait", filled_bytes)
+                if verifying is not None:
+                    _wait_verified(timer, verifying)
             if request.control_dir is not None:
                 with timer.phase("handover"):
                     _hand_over(manifest, request, dict(gpu_plan.pairs) if gpu_plan else {})
         except BaseException:
-            if verifying is not None:
-                verifying.cancel()
+            for pending in (verifying, filling):
+                if pending is not None:
+                    pending.cancel()
             if root_pid is not None:
-                proc.kill_tree(root_pid)
+                proc.kill_tree(root_pid)  # before the page server closes: no task reads a missing page
+            if server is not None:
+                server.close()
             raise
-    timer.set_bytes("criu-restore", manifest.total_bytes - (filled.bytes if parallel else 0))
+    if not manifest.compression:
+        timer.set_bytes("criu-restore", manifest.total_bytes - filled_bytes)
     return RestoreResult(pid=root_pid, manifest=manifest, timer=timer, log=log)
+
+
+def _wait_verified(timer: Timer, verifying: Future[int]) -> None:
+    with timer.phase("verify-wait"):
+        verified = verifying.result()
+    timer.add("  verified", 0.0, verified)
 
 
 def _hand_over(manifest: Manifest, request: RestoreRequest, gpu_map: dict[str, str] | None = None) -> None:
