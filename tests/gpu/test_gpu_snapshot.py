@@ -94,10 +94,12 @@ def test_two_cuda_processes_in_one_tree(tmp_path: Path) -> None:
         kill_tree(r.pid)
 
 
-@pytest.mark.parametrize("codec", [None, "zstd"])
-def test_cuda_process_restores_through_the_page_server(tmp_path: Path, codec: str | None) -> None:
+@pytest.mark.parametrize(("codec", "lazy"), [(None, False), ("zstd", False), (None, True)],
+                         ids=["plain", "zstd", "lazy"])  # fmt: skip
+def test_cuda_process_restores_through_the_page_server(tmp_path: Path, codec: str | None, lazy: bool) -> None:
     """The parallel page server fills the driver's checkpointed device memory back
-    (it lives in private anonymous pages) before the GPU restore reads it."""
+    (it lives in private anonymous pages) before the GPU restore reads it; with
+    ``lazy`` the GPU restore reads it while the fill still runs (faults served)."""
     from warmstart.snapshot.restore import RestoreRequest
 
     tree = start(tmp_path / "w", 2.0)
@@ -105,9 +107,9 @@ def test_cuda_process_restores_through_the_page_server(tmp_path: Path, codec: st
     store = LocalStore(tmp_path / "store")
     checkpoint(tree.pid, store=store, name="pages", options=CheckpointOptions(compress=codec))
     tree.popen.wait(timeout=30)
-    r = restore("pages", store=store, request=RestoreRequest(parallel_pages=True))
+    r = restore("pages", store=store, request=RestoreRequest(parallel_pages=True, lazy=lazy))
     print(r.timer.phases)
-    fill = next(p for p in r.timer.phases if p.name == "page-fill")
+    fill = next(p for p in r.timer.phases if p.name == ("page-fill-wait" if lazy else "page-fill"))
     assert fill.bytes and fill.bytes >= 2 << 30
     back = Tree(tree.state, None, r.pid)
     try:
