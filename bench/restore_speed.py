@@ -154,6 +154,7 @@ def main() -> None:
                         if ttft is not None:
                             results.setdefault(f"{cache}/{who}/first-token", []).append(ttft)
                     results.setdefault(f"{cache}/{who}", []).append(took)
+                    print(f"{cache} {who}: {took:.2f} s", flush=True)
                     if control is None:
                         Tree(work / "tree", None, pid).wait_progress(60)
                     kill_tree(pid)

@@ -178,9 +178,7 @@ def restore(
             if stats:
                 timer.add("  forking", stats.forking_s)
                 timer.add("  restore", stats.restore_s, stats.pages_restored * 4096)
-            if server is not None and request.lazy:
-                filling = pool.submit(server.fill)
-            elif server is not None:
+            if server is not None and not request.lazy:
                 with timer.phase("page-fill"):
                     filled_bytes = server.fill().bytes
                     server.close()
@@ -191,6 +189,8 @@ def restore(
                 _clear_markers(Path(request.control_dir))
             with timer.phase("resume"):
                 proc.continue_tree(root_pid)
+            if server is not None and request.lazy:  # after the resume: it walks /proc under the GIL
+                filling = pool.submit(server.fill)
             if gpu_plan:
                 with timer.phase("gpu-restore", sum(g.device_memory_bytes for g in manifest.gpus)):
                     if request.pid_map is not None:
