@@ -151,6 +151,10 @@ class _Task:
         return parts
 
 
+class _LayoutChanging(Exception):
+    """UFFDIO_COPY said EAGAIN: a layout event is waiting to be read first."""
+
+
 @dataclass(frozen=True)
 class FillStats:
     tasks: int
@@ -191,6 +195,7 @@ class PageServer:
         self._errors: list[str] = []
         self._faults = 0
         self._received: set[int] = set()
+        self._pending: list[tuple[_Task, int]] = []  # faults deferred behind layout events
         self._listener: socket.socket | None = None
         self._epoll = select.epoll()
         self._threads: list[threading.Thread] = []
@@ -288,7 +293,7 @@ class PageServer:
     def _event_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                ready = self._epoll.poll(0.05)
+                ready = self._epoll.poll(0.0005 if self._pending else 0.05)
             except OSError:
                 return
             for fd, _mask in ready:
@@ -308,6 +313,16 @@ class PageServer:
                         self._handle(task, msg)
                     except Exception as exc:  # noqa: BLE001 - the faulting task stays blocked; fill() raises
                         self._fail(f"serving PID {task.pid}: {exc}")
+            self._retry_pending()
+
+    def _retry_pending(self) -> None:
+        """Serve faults deferred while layout events were pending (read above by now)."""
+        pending, self._pending = self._pending, []
+        for task, addr in pending:
+            try:
+                self._serve_fault(task, addr)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(f"serving PID {task.pid}: {exc}")
 
     def _handle(self, task: _Task, msg: uffd.Message) -> None:
         if msg.event == uffd.EVENT_PAGEFAULT:
@@ -327,12 +342,23 @@ class PageServer:
         run = task.run_at(addr)
         if run is None or task.is_removed(addr):
             err = uffd.zeropage(task.fd, addr, PAGE_SIZE)
-            if err == errno.EEXIST:
+            if err == errno.EAGAIN:
+                self._pending.append((task, addr))
+            elif err == errno.EEXIST:
                 uffd.wake(task.fd, addr, PAGE_SIZE)
             return
         start = max(run.vaddr, addr - addr % FAULT_CHUNK)
         end = min(run.end, start + FAULT_CHUNK)
-        placed = self._copy(task, run, start, end, self._buffer(FAULT_CHUNK))
+        with self._lock:  # never put old bytes where the task has discarded memory since
+            parts = task.live_parts(start, end)
+        try:
+            buf = self._buffer(FAULT_CHUNK)
+            placed = sum(self._copy(task, run, s, e, buf, wait=False) for s, e in parts)
+        except _LayoutChanging:
+            # A running (lazy) task changed its memory map: the kernel refuses
+            # copies until this thread reads that event, so read it first.
+            self._pending.append((task, addr))
+            return
         log.debug("fault PID %d %#x: run %#x+%d, placed %d", task.pid, addr, run.vaddr, run.length, placed)
         uffd.wake(task.fd, addr, PAGE_SIZE)
 
@@ -345,9 +371,20 @@ class PageServer:
         return buf
 
     def _copy(
-        self, task: _Task, run: PageRun, start: int, end: int, buf: bytearray, *, buffered: bool = False
+        self,
+        task: _Task,
+        run: PageRun,
+        start: int,
+        end: int,
+        buf: bytearray,
+        *,
+        buffered: bool = False,
+        wait: bool = True,
     ) -> int:
-        """Copy [start, end) of ``run`` into the task; return the bytes placed."""
+        """Copy [start, end) of ``run`` into the task; return the bytes placed.
+
+        ``wait=False`` (the event thread) raises :class:`_LayoutChanging`
+        instead of waiting for layout events only that thread can read."""
         length = end - start
         offset = run.offset + (start - run.vaddr)
         mapped = None if buffered or not self.zero_copy else getattr(task.pages, "address", None)
@@ -377,11 +414,13 @@ class PageServer:
                 break
             if err == errno.EEXIST:
                 pos += PAGE_SIZE  # already there (a fault beat us to it)
+            elif err == errno.EAGAIN and not wait:
+                raise _LayoutChanging
             elif err == errno.EAGAIN:
                 time.sleep(0.0005)  # layout events pending: let the event loop read them
             elif err == errno.EFAULT and not buffered:
                 # The mapped image could not be read (it shrank?): read the rest, which says why.
-                return placed + self._copy(task, run, start + pos, end, buf, buffered=True)
+                return placed + self._copy(task, run, start + pos, end, buf, buffered=True, wait=wait)
             elif err in (errno.ENOENT, errno.ESRCH, errno.EFAULT):
                 break  # the range or the task is gone
             else:
