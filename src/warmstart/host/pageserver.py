@@ -269,7 +269,16 @@ class PageServer:
             return
         start = max(run.vaddr, addr - addr % FAULT_CHUNK)
         end = min(run.end, start + FAULT_CHUNK)
-        placed = self._copy(task, run, start, end, self._buffer(FAULT_CHUNK))
+        try:
+            placed = self._copy(task, run, start, end, self._buffer(FAULT_CHUNK))
+        except Exception as exc:  # noqa: BLE001 - reported by fill(), which fails the restore
+            # The source could not deliver (a streamed download failed): record
+            # it, and unblock the faulting task with a zero page so CRIU can
+            # return; the tasks stay stopped and fill() fails the restore.
+            self._fail(f"serving a fault of PID {task.pid} at {addr:#x}: {exc}")
+            if uffd.zeropage(task.fd, addr, PAGE_SIZE) == errno.EEXIST:
+                uffd.wake(task.fd, addr, PAGE_SIZE)
+            return
         log.debug("fault PID %d %#x: run %#x+%d, placed %d", task.pid, addr, run.vaddr, run.length, placed)
         uffd.wake(task.fd, addr, PAGE_SIZE)
 

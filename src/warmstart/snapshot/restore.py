@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import psutil
 
@@ -25,7 +26,7 @@ from warmstart.errors import UsageError
 from warmstart.host import process as proc
 from warmstart.host import uffd
 from warmstart.host.criu import Criu, DumpOptions, RestoreOptions, find_criu
-from warmstart.host.pageserver import PageServer
+from warmstart.host.pageserver import PageServer, PagesSource
 from warmstart.host.stats import RestoreStats
 from warmstart.snapshot import compat, hostinfo
 from warmstart.snapshot.gpu_state import GpuRestorePlan
@@ -55,6 +56,22 @@ class RestoreRequest:
     check_pids: bool = True
     #: Recorded PID -> PID of the restored process, where they differ (container restores).
     pid_map: Callable[[int], int] | None = None
+
+
+class Incoming(Protocol):
+    """A snapshot whose page images are still arriving (``restore URL`` streaming,
+    snapshot/streaming.py): every other file is in ``path`` already."""
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def manifest(self) -> Manifest | None: ...
+    def open_pages(self, path: Path) -> PagesSource: ...
+    def wait(self) -> None:
+        """Block until every byte is in and checked; raise if the download failed."""
+
+    def abort(self, cause: BaseException) -> None:
+        """The restore failed: stop the download (waiters raise)."""
 
 
 @dataclass(frozen=True)
@@ -128,17 +145,26 @@ def restore(
     request: RestoreRequest | None = None,
     criu: Criu | None = None,
     listener: PhaseListener | None = None,
+    incoming: Incoming | None = None,
+    timer: Timer | None = None,
 ) -> RestoreResult:
+    """Restore snapshot ``name`` of ``store``, or the one still arriving in ``incoming``
+    (page-server restores only: its pages are read as they arrive, and the
+    tasks resume only once all of it is in and verified)."""
     request = request or RestoreRequest()
-    timer = Timer(listener)
+    timer = timer or Timer(listener)
     with timer.phase("checks"):
         criu = criu or find_criu()
-        path = store.path_of(name)
-        manifest = Manifest.load(path)
+        path = incoming.path if incoming else store.path_of(name)
+        manifest = (incoming.manifest if incoming else None) or Manifest.load(path)
         gpu_plan = _check(manifest, request, criu)
     run_dir = _run_dir(name)
     log = run_dir / "restore.log"
     parallel = _use_parallel_pages(request, manifest)
+    if incoming is not None and not parallel:
+        raise UsageError(
+            "a streaming restore needs the parallel page server", hint="pull, then restore"
+        )
     options = RestoreOptions(
         dump=DumpOptions.from_record(manifest.criu_options),
         leave_stopped=True,
@@ -158,10 +184,15 @@ def restore(
         if criu_images != images:  # the unpacked view is only CRIU's to read
             stack.callback(shutil.rmtree, criu_images, ignore_errors=True)
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify"))
-        verifying = pool.submit(verify_files, path, expected) if request.verify else None
+        verifying = pool.submit(_verify, incoming, path, expected) if request.verify else None
         server = (
             stack.enter_context(
-                PageServer(images, run_dir, threads=request.page_threads, open_pages=open_pages)
+                PageServer(
+                    images,
+                    run_dir,
+                    threads=request.page_threads,
+                    open_pages=incoming.open_pages if incoming else open_pages,
+                )
             )
             if parallel
             else None
@@ -178,6 +209,9 @@ def restore(
                     filled = server.fill()
                     server.close()
                 timer.set_bytes("page-fill", filled.bytes)
+            if incoming is not None:
+                with timer.phase("fetch-wait"):
+                    incoming.wait()
             if verifying is not None:
                 with timer.phase("verify-wait"):
                     verified = verifying.result()
@@ -194,14 +228,22 @@ def restore(
             if request.control_dir is not None:
                 with timer.phase("handover"):
                     _hand_over(manifest, request, dict(gpu_plan.pairs) if gpu_plan else {})
-        except BaseException:
+        except BaseException as exc:
             if verifying is not None:
                 verifying.cancel()
             if root_pid is not None:
                 proc.kill_tree(root_pid)
+            if incoming is not None:
+                incoming.abort(exc)
             raise
     timer.set_bytes("criu-restore", manifest.total_bytes - (filled.bytes if parallel else 0))
     return RestoreResult(pid=root_pid, manifest=manifest, timer=timer, log=log)
+
+
+def _verify(incoming: Incoming | None, path: Path, expected: list[Expected]) -> int:
+    if incoming is not None:
+        incoming.wait()
+    return verify_files(path, expected)
 
 
 def _hand_over(manifest: Manifest, request: RestoreRequest, gpu_map: dict[str, str] | None = None) -> None:
