@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,31 @@ def test_corrupt_chunk_mid_stream_refuses_kills_and_publishes_nothing(
     assert not Tree(tree.state, None, tree.pid).alive()  # the restored tree (same PIDs) is gone
     assert not (node_b.root / "snap").exists()
     assert not list((node_b.root / ".staging").iterdir())
+
+
+@pytest.mark.criu
+def test_cli_restore_url_streams_by_default_and_no_stream_pulls_first(
+    tree_factory, tmp_path: Path, file_url: str
+) -> None:
+    from test_store_cli import cli
+
+    tree, before, _remote = _snapshot_in(file_url, tree_factory, tmp_path)
+    node_b = tmp_path / "node-b"
+    for flags, overlapped in (((), True), (("--no-stream",), False)):
+        out = json.loads(
+            cli("restore", f"{file_url}/snap", "--store", str(node_b), "--json", *flags).stdout
+        )
+        back = Tree(tree.state, None, out["pid"])
+        try:
+            back.wait_progress()
+            assert back.digests() == before
+        finally:
+            back.kill()
+        phases = [p["name"] for p in out["timings"]]
+        if overlapped:
+            assert out["stream"]["overlapped"] and out["stream"]["page_bytes"] >= MEM_MIB << 20
+            assert phases[0] == "fetch-meta" and "  fetch overlapped" in phases
+        else:
+            assert out["stream"] is None and "fetch-meta" not in phases
+        assert (node_b / "snap" / "manifest.json").is_file()
+        shutil.rmtree(node_b / "snap")
