@@ -50,9 +50,13 @@ def gone(pid: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--mib", type=int, default=512)
-    ap.add_argument("--rate", type=float, default=200.0, help="MB/s for both modes (0: unthrottled)")
+    ap.add_argument(
+        "--rate", type=float, default=200.0, help="MB/s for both modes (0: unthrottled)"
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--dir", type=Path, default=None)

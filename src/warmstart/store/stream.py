@@ -188,6 +188,7 @@ class StreamingPull:
                     b"".join(self._fetch(c, ref.path) for c in ref.chunks),
                     where=f"{self.remote.url} {self.name}/{ref.path}",
                 )
+                self.stats.fetched_bytes += ref.size
                 self.progress.advance(ref.size)
                 continue
             fd = _create(self.path, ref.path)
