@@ -106,6 +106,11 @@ def _use_parallel_pages(request: RestoreRequest, manifest: Manifest) -> bool:
     return request.parallel_pages
 
 
+def uses_page_server(request: RestoreRequest, manifest: Manifest) -> bool:
+    """Whether :func:`restore` fills memory with the page server (what a streaming restore needs)."""
+    return _use_parallel_pages(request, manifest)
+
+
 def _run_dir(name: str) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     path = Path(tempfile.gettempdir()) / "warmstart" / f"restore-{name}-{stamp}"

@@ -30,7 +30,7 @@ from pathlib import Path
 from warmstart.host import process as proc
 from warmstart.host.criu import Criu
 from warmstart.snapshot.manifest import IMAGES_DIR, Manifest
-from warmstart.snapshot.restore import RestoreRequest, RestoreResult, _use_parallel_pages, restore
+from warmstart.snapshot.restore import RestoreRequest, RestoreResult, restore, uses_page_server
 from warmstart.snapshot.timing import PhaseListener, Timer
 from warmstart.snapshot.unpack import eager_runs
 from warmstart.store.local import LocalStore
@@ -126,7 +126,7 @@ def restore_streaming(
         manifest = pull.open()
         try:
             req = request(manifest) if callable(request) else request or RestoreRequest()
-            overlapped = _use_parallel_pages(req, manifest)
+            overlapped = uses_page_server(req, manifest)
             if overlapped:
                 _fetch_eager_runs(pull)
         except BaseException as exc:
