@@ -12,9 +12,16 @@
    in ~1 %/s of all pages) is checkpointed twice, ``--apart`` seconds apart
    (``leave_running``), and a second worker with other weights on the same stack once; all three are
    pushed to one store. Reports the stored bytes of each push and the ratios.
+3. Minutes apart (``--gap-only``; root and CRIU): one worker is checkpointed,
+   keeps working for ``--gap`` seconds (default 120), and is checkpointed
+   again (both ``leave_running``); both snapshots are pushed to one store and
+   the dedup ratio printed. With ``--model DIR`` the worker is the reference
+   server's engine (warmstart.serve, CPU, ``--kv-gib`` of KV cache) generating
+   one completion after another in-process; else the synthetic one above.
 
     python bench/store_transfer.py                       # 256 MiB, < 1 min here
     python bench/store_transfer.py --size-mib 4096 --criu-mib 2048 --jobs 16
+    python bench/store_transfer.py --gap-only --gap 120 --model /tmp/tinym   # ~2.5 min
 """
 
 from __future__ import annotations
@@ -58,6 +65,26 @@ while True:  # a 'request' every 0.2 s writes 2 MiB of the KV region, round robi
             p = heap.randrange(len(weights) // 4096) * 4096
             weights[p:p + 8] = heap.randbytes(8)
     time.sleep(0.2)
+"""
+
+# The reference worker's engine (warmstart.serve) in-process, serving one greedy
+# completion after another. Not over HTTP: CRIU 4.1.1 cannot dump TCP sockets on
+# this kernel, which is why `warmstart serve` checkpoints before it listens.
+ENGINE_WORKER = r"""
+import os, sys
+from warmstart.serve.engine import Engine, EngineConfig, SamplingParams
+model, kv, ready, served = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
+engine = Engine(EngineConfig(model_dir=model, device="cpu", kv_cache_gib=kv))
+engine.warmup()
+open(ready, "w").write("ready")
+i = 0
+while True:
+    prompt = engine.encode(f"Request {i}: the history of city number {i * 7919 % 1000} is")
+    engine.generate(prompt, SamplingParams(max_tokens=32))
+    i += 1
+    with open(served + ".tmp", "w") as f:
+        f.write(str(i))
+    os.replace(served + ".tmp", served)
 """
 
 
@@ -238,6 +265,61 @@ def dedup(work: Path, args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def gap_dedup(work: Path, args: argparse.Namespace) -> dict[str, object]:
+    """Two checkpoints of one worker ``--gap`` seconds apart, the worker working in between."""
+    from warmstart.host.process import kill_tree
+    from warmstart.snapshot.checkpoint import CheckpointOptions, checkpoint
+
+    local = LocalStore(work / "gap")
+    ready, served = work / "gap-ready", work / "gap-served"
+    if args.model:
+        cmd = [sys.executable, "-c", ENGINE_WORKER, args.model, str(args.kv_gib), str(ready), str(served)]
+        worker = f"warmstart.serve Engine, --model {args.model} --device cpu --kv-cache-gib {args.kv_gib}"
+    else:
+        cmd = [sys.executable, "-c", WORKER, str(args.criu_mib), "1", str(ready), str(int(args.scatter))]
+        worker = f"synthetic, {args.criu_mib} MiB weights"
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def count() -> int | None:
+        try:
+            return int(served.read_text())
+        except (OSError, ValueError):
+            return None
+
+    try:
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise SystemExit(f"bench worker exited with {proc.returncode}")
+            time.sleep(0.05)
+        opts = CheckpointOptions(leave_running=True, durable=False)
+        first = checkpoint(proc.pid, store=local, name="gap-1", options=opts)
+        at_first = count()
+        note(f"gap: first checkpoint ({first.manifest.total_bytes} bytes); working {args.gap:.0f} s")
+        time.sleep(args.gap)
+        checkpoint(proc.pid, store=local, name="gap-2", options=opts)
+        at_second = count()
+    finally:
+        kill_tree(proc.pid)
+        proc.wait()
+    remote = RemoteStore.open(f"file://{work / 'gapstore'}", jobs=args.jobs)
+    params = ChunkParams.around(args.chunk_mib << 20)
+    a = remote.push(local, "gap-1", params=params)
+    b = remote.push(local, "gap-2", params=params)
+    st = remote.stats()
+    return {
+        "worker": worker,
+        "gap_s": args.gap,
+        "requests_between": at_second - at_first if at_first is not None and at_second is not None else None,
+        "chunk_mib": args.chunk_mib,
+        "snapshot_bytes": [a.logical_bytes, b.logical_bytes],
+        "uploaded_bytes": [a.uploaded_bytes, b.uploaded_bytes],
+        "second_push_new_fraction": round(b.uploaded_bytes / b.logical_bytes, 4),
+        # both snapshots: logical bytes / bytes stored for both
+        "dedup_ratio": round((a.logical_bytes + b.logical_bytes) / (a.uploaded_bytes + b.uploaded_bytes), 3),
+        "store_dedup_ratio": round(st.dedup_ratio, 3),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=256)
@@ -248,9 +330,18 @@ def main() -> None:
     ap.add_argument("--no-criu", action="store_true")
     ap.add_argument("--scatter", action="store_true", help="the worker also writes all over its weights")
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
+    ap.add_argument("--gap-only", action="store_true", help="only the minutes-apart dedup (3.)")
+    ap.add_argument("--gap", type=float, default=120.0, help="seconds between its two checkpoints")
+    ap.add_argument("--model", default=None, help="--gap-only: checkpoint `warmstart serve` of this model")
+    ap.add_argument("--kv-gib", type=float, default=0.1, help="--gap-only --model: its KV cache")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ws-store-bench-", dir=args.dir))
     try:
+        if args.gap_only:
+            if os.geteuid() != 0:
+                raise SystemExit("--gap-only needs root (CRIU)")
+            print(json.dumps({"gap_dedup": gap_dedup(work, args)}, indent=2))
+            return
         result: dict[str, object] = {"throughput": throughput(work, args)}
         note(f"throughput: {result}")
         if not args.no_criu:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
@@ -175,36 +175,59 @@ def restore(
     page_threads: Annotated[
         Optional[int], typer.Option("--page-threads", min=1, max=256, help="Page-server threads.")
     ] = None,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream/--no-stream",
+            help="restore URL: start restoring while the page images download (default, where "
+            "the page server applies); --no-stream pulls everything first.",
+        ),
+    ] = True,
     store: StoreOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Restore a snapshot; the tree continues where it stopped."""
+    from warmstart.gms.preflight import prepare_restore
     from warmstart.snapshot.restore import RestoreRequest
     from warmstart.snapshot.restore import restore as do_restore
 
+    prefetch = None
+
+    def request_for(manifest: Any) -> RestoreRequest:
+        nonlocal prefetch
+        control = control_dir or (
+            Path(manifest.labels["control_dir"]) if "control_dir" in manifest.labels else None
+        )
+        # weights in the memory service: refuse or start streaming
+        prefetch = prepare_restore(manifest.labels)
+        return RestoreRequest(
+            gpu_map=tuple(gpu_map),
+            verify=not no_verify,
+            control_dir=control,
+            env=parse_pairs(env),
+            parallel_pages=parallel_pages,
+            page_threads=page_threads,
+            lazy=lazy,
+        )
+
     s = open_store(store)
-    if "://" in name:  # restore URL: trust check and pull into the local store, then restore that
-        from warmstart.cli.remote import pull_for_restore
+    streamed = None
+    if "://" in name and stream:  # restore URL while it downloads (trust check first)
+        from warmstart.cli.remote import stream_for_restore
 
-        name = pull_for_restore(name, s, show=not json_out)
-    manifest = s.manifest(name)
-    control = control_dir or (
-        Path(manifest.labels["control_dir"]) if "control_dir" in manifest.labels else None
-    )
-    request = RestoreRequest(
-        gpu_map=tuple(gpu_map),
-        verify=not no_verify,
-        control_dir=control,
-        env=parse_pairs(env),
-        parallel_pages=parallel_pages,
-        page_threads=page_threads,
-        lazy=lazy,
-    )
-    from warmstart.gms.preflight import prepare_restore
+        with progress(not json_out, f"restoring {name}") as on_phase:
+            streamed = stream_for_restore(name, s, request_for, listener=on_phase)
+    if streamed is not None:
+        name, result = streamed.name, streamed.result
+    else:
+        # restore URL --no-stream: trust check, pull into the local store, then restore that
+        if "://" in name:
+            from warmstart.cli.remote import pull_for_restore
 
-    prefetch = prepare_restore(manifest.labels)  # weights in the memory service: refuse or start streaming
-    with progress(not json_out, f"restoring {name}") as on_phase:
-        result = do_restore(name, store=s, request=request, listener=on_phase)
+            name = pull_for_restore(name, s, show=not json_out)
+        request = request_for(s.manifest(name))
+        with progress(not json_out, f"restoring {name}") as on_phase:
+            result = do_restore(name, store=s, request=request, listener=on_phase)
     if json_out:
         emit_json(
             {
@@ -214,6 +237,7 @@ def restore(
                 "total_seconds": result.timer.total,
                 "log": str(result.log),
                 "gms_weights": prefetch.state if prefetch else None,
+                "stream": streamed.report() if streamed else None,
             }
         )
     else:
@@ -221,6 +245,10 @@ def restore(
         ceilings = bw.ceilings() if bw else None
         console.print(timing_table(f"restore {name}", result.timer.phases, result.timer.total, ceilings))
         console.print(f"restored [bold]{name}[/] as PID {result.pid}")
+        if streamed is not None:
+            from warmstart.cli.remote import stream_line
+
+            console.print(stream_line(streamed.report()))
         if prefetch is not None:
             console.print(f"weights from the memory service: {prefetch.state}")
     if not detach:

@@ -1,13 +1,14 @@
 """Remote store commands: push, pull, store ls/stats/gc/rm, key generate.
 
 Also the helpers with which ``checkpoint --store URL`` and ``restore URL``
-go through a remote store (checkpoint then push; pull then restore).
+go through a remote store (checkpoint then push; restore while the snapshot
+streams in, or with ``--no-stream`` pull then restore).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -217,6 +218,52 @@ def pull_for_restore(snapshot_url: str, local: LocalStore, *, show: bool) -> str
             f"pulled {name} from {url}: {human_bytes(result.logical_bytes)} in {result.seconds:.2f} s"
         )
     return name
+
+
+def stream_for_restore(
+    snapshot_url: str,
+    local: LocalStore,
+    request_for: Callable[[Any], Any],
+    *,
+    listener: Callable[[str], None] | None = None,
+) -> Any:
+    """``restore URL``, streaming: restore while the page images download (trust check first).
+
+    Returns None when the same snapshot is in ``local`` already (restore that).
+    """
+    url, name = split_snapshot_url(snapshot_url)
+    remote = _remote(url)
+    trust = _trust([], False)
+    index, _decision = remote.open_index(name, trust)  # refuses before anything is fetched
+    try:
+        existing = local.manifest(name)
+    except NotFoundError:
+        existing = None
+    if existing is not None:
+        if existing.snapshot_id == index.snapshot_id:
+            return None
+        raise UsageError(
+            f"a different snapshot {name!r} already exists in {local.root}",
+            hint="remove it with `warmstart rm`, or pull under another name with `warmstart pull --as`",
+        )
+    from warmstart.snapshot.streaming import restore_streaming
+
+    return restore_streaming(
+        remote, name, local=local, request=request_for, trust=trust, listener=listener
+    )
+
+
+def stream_line(report: dict[str, Any]) -> str:
+    """One line on how much of the download the restore overlapped."""
+    if not report["overlapped"]:
+        return "pulled in full before the restore (no page server for this snapshot)"
+    pages, during = report["page_bytes"], report["page_bytes_during_restore"]
+    share = during / pages * 100 if pages else 0.0
+    return (
+        f"streamed: {human_bytes(report['meta_bytes'])} before CRIU started, "
+        f"{human_bytes(during)} of {human_bytes(pages)} page images ({share:.0f}%) arrived "
+        f"while the restore ran ({report['seconds_fetching_while_restoring']:.2f} s)"
+    )
 
 
 def push_report(r: Any) -> dict[str, Any]:

@@ -191,6 +191,7 @@ class PageServer:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._cancelled = threading.Event()
+        self._resumed = threading.Event()
         self._filling = threading.Lock()
         self._errors: list[str] = []
         self._faults = 0
@@ -217,6 +218,11 @@ class PageServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def tasks_resumed(self) -> None:
+        """The caller let the tasks run (lazy restore): from now on a fault the
+        source cannot serve leaves its task blocked rather than zero-filled."""
+        self._resumed.set()
 
     def close(self) -> None:
         """Stop serving. A fill still running (lazy restore) is cancelled and
@@ -358,6 +364,16 @@ class PageServer:
             # A running (lazy) task changed its memory map: the kernel refuses
             # copies until this thread reads that event, so read it first.
             self._pending.append((task, addr))
+            return
+        except Exception as exc:  # noqa: BLE001 - reported by fill(), which fails the restore
+            # The source could not deliver (a streamed download failed): record it.
+            self._fail(f"serving a fault of PID {task.pid} at {addr:#x}: {exc}")
+            if not self._resumed.is_set():
+                # CRIU's restorer is the one waiting: unblock it with a zero page so
+                # CRIU returns; the tasks stay stopped and fill() fails the restore.
+                # A running task instead stays blocked until the restore kills it.
+                if uffd.zeropage(task.fd, addr, PAGE_SIZE) == errno.EEXIST:
+                    uffd.wake(task.fd, addr, PAGE_SIZE)
             return
         log.debug("fault PID %d %#x: run %#x+%d, placed %d", task.pid, addr, run.vaddr, run.length, placed)
         uffd.wake(task.fd, addr, PAGE_SIZE)

@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import psutil
 
@@ -25,7 +26,7 @@ from warmstart.errors import UsageError
 from warmstart.host import process as proc
 from warmstart.host import uffd
 from warmstart.host.criu import Criu, DumpOptions, RestoreOptions, find_criu
-from warmstart.host.pageserver import FillStats, PageServer
+from warmstart.host.pageserver import FillStats, PageServer, PagesSource
 from warmstart.host.stats import RestoreStats
 from warmstart.snapshot import compat, hostinfo
 from warmstart.snapshot.gpu_state import GpuRestorePlan
@@ -60,6 +61,22 @@ class RestoreRequest:
     pid_map: Callable[[int], int] | None = None
 
 
+class Incoming(Protocol):
+    """A snapshot whose page images are still arriving (``restore URL`` streaming,
+    snapshot/streaming.py): every other file is in ``path`` already."""
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def manifest(self) -> Manifest | None: ...
+    def open_pages(self, path: Path) -> PagesSource: ...
+    def wait(self) -> None:
+        """Block until every byte is in and checked; raise if the download failed."""
+
+    def abort(self, cause: BaseException) -> None:
+        """The restore failed: stop the download (waiters raise)."""
+
+
 @dataclass(frozen=True)
 class RestoreResult:
     pid: int
@@ -90,6 +107,11 @@ def _use_parallel_pages(request: RestoreRequest) -> bool:
             "or pass --no-parallel-pages",
         )
     return True if request.lazy else bool(request.parallel_pages)
+
+
+def uses_page_server(request: RestoreRequest, manifest: Manifest) -> bool:
+    """Whether :func:`restore` fills memory with the page server (what a streaming restore needs)."""
+    return _use_parallel_pages(request)
 
 
 def _run_dir(name: str) -> Path:
@@ -131,17 +153,26 @@ def restore(
     request: RestoreRequest | None = None,
     criu: Criu | None = None,
     listener: PhaseListener | None = None,
+    incoming: Incoming | None = None,
+    timer: Timer | None = None,
 ) -> RestoreResult:
+    """Restore snapshot ``name`` of ``store``, or the one still arriving in ``incoming``
+    (page-server restores only: its pages are read as they arrive, and the
+    tasks resume only once all of it is in and verified)."""
     request = request or RestoreRequest()
-    timer = Timer(listener)
+    timer = timer or Timer(listener)
     with timer.phase("checks"):
         criu = criu or find_criu()
-        path = store.path_of(name)
-        manifest = Manifest.load(path)
+        path = incoming.path if incoming else store.path_of(name)
+        manifest = (incoming.manifest if incoming else None) or Manifest.load(path)
         gpu_plan = _check(manifest, request, criu)
     run_dir = _run_dir(name)
     log = run_dir / "restore.log"
     parallel = _use_parallel_pages(request)
+    if incoming is not None and not parallel:
+        raise UsageError(
+            "a streaming restore needs the parallel page server", hint="pull, then restore"
+        )
     options = RestoreOptions(
         dump=DumpOptions.from_record(manifest.criu_options),
         leave_stopped=True,
@@ -161,10 +192,15 @@ def restore(
         if criu_images != images:  # the unpacked view is only CRIU's to read
             stack.callback(shutil.rmtree, criu_images, ignore_errors=True)
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=2, thread_name_prefix="restore"))
-        verifying = pool.submit(verify_files, path, expected) if request.verify else None
+        verifying = pool.submit(_verify, incoming, path, expected) if request.verify else None
         server = (
             stack.enter_context(
-                PageServer(images, run_dir, threads=request.page_threads, open_pages=open_pages)
+                PageServer(
+                    images,
+                    run_dir,
+                    threads=request.page_threads,
+                    open_pages=incoming.open_pages if incoming else open_pages,
+                )
             )
             if parallel
             else None
@@ -183,6 +219,8 @@ def restore(
                     filled_bytes = server.fill().bytes
                     server.close()
                 timer.set_bytes("page-fill", filled_bytes)
+            if incoming is not None and filling is None:
+                _wait_fetched(timer, incoming)
             if verifying is not None and filling is None:
                 _wait_verified(timer, verifying)
             if request.control_dir is not None:
@@ -190,6 +228,7 @@ def restore(
             with timer.phase("resume"):
                 proc.continue_tree(root_pid)
             if server is not None and request.lazy:  # after the resume: it walks /proc under the GIL
+                server.tasks_resumed()
                 filling = pool.submit(server.fill)
             if gpu_plan:
                 with timer.phase("gpu-restore", sum(g.device_memory_bytes for g in manifest.gpus)):
@@ -201,12 +240,14 @@ def restore(
                     filled_bytes = filling.result().bytes
                     server.close()
                 timer.set_bytes("page-fill-wait", filled_bytes)
+                if incoming is not None:
+                    _wait_fetched(timer, incoming)
                 if verifying is not None:
                     _wait_verified(timer, verifying)
             if request.control_dir is not None:
                 with timer.phase("handover"):
                     _hand_over(manifest, request, dict(gpu_plan.pairs) if gpu_plan else {})
-        except BaseException:
+        except BaseException as exc:
             for pending in (verifying, filling):
                 if pending is not None:
                     pending.cancel()
@@ -214,6 +255,8 @@ def restore(
                 proc.kill_tree(root_pid)  # before the page server closes: no task reads a missing page
             if server is not None:
                 server.close()
+            if incoming is not None:
+                incoming.abort(exc)
             raise
     if not manifest.compression:
         timer.set_bytes("criu-restore", manifest.total_bytes - filled_bytes)
@@ -224,6 +267,17 @@ def _wait_verified(timer: Timer, verifying: Future[int]) -> None:
     with timer.phase("verify-wait"):
         verified = verifying.result()
     timer.add("  verified", 0.0, verified)
+
+
+def _wait_fetched(timer: Timer, incoming: Incoming) -> None:
+    with timer.phase("fetch-wait"):
+        incoming.wait()
+
+
+def _verify(incoming: Incoming | None, path: Path, expected: list[Expected]) -> int:
+    if incoming is not None:
+        incoming.wait()
+    return verify_files(path, expected)
 
 
 def _hand_over(manifest: Manifest, request: RestoreRequest, gpu_map: dict[str, str] | None = None) -> None:

@@ -19,7 +19,7 @@ from warmstart.host.pagemap import PE_PRESENT, PageRun, read_pagemap_file
 from warmstart.store.compress import CODECS, CompressedPages, suffix
 
 
-def _runs_by_pages(images: Path) -> dict[str, list[PageRun]]:
+def eager_runs(images: Path) -> dict[str, list[PageRun]]:
     """Raw pages image name -> the runs CRIU itself reads from it in a lazy restore."""
     out: dict[str, list[PageRun]] = {}
     for pm_path in sorted(images.glob("pagemap-*.img")):
@@ -39,7 +39,7 @@ def unpack_view(images: Path, view: Path, *, lazy: bool) -> int:
             os.symlink(f, view / f.name)
         else:
             packed[f] = f.name[: -len(suffix(codec))]
-    needed = _runs_by_pages(images) if lazy else {}
+    needed = eager_runs(images) if lazy else {}
     written = 0
     with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="unpack") as pool:
         for src, raw_name in packed.items():

@@ -162,12 +162,16 @@ class CompressedPages:
         self._decompress = _decompressor(self._table.codec)
         self._local = threading.local()
 
+    def _pread(self, length: int, offset: int) -> bytes:
+        """Stored bytes of this file (a streaming reader waits for them to arrive first)."""
+        return os.pread(self._fd, length, offset)
+
     @property
     def raw_size(self) -> int:
         return self._table.raw_size
 
     def _read_table(self) -> _Table:
-        head = os.pread(self._fd, _HEAD.size, 0)
+        head = self._pread(_HEAD.size, 0)
         if len(head) != _HEAD.size:
             raise SnapshotCorrupt(f"{self.path.name} is truncated", hint=_CORRUPT_HINT)
         magic, version, codec_id, chunk, raw, n = _HEAD.unpack(head)
@@ -176,7 +180,7 @@ class CompressedPages:
             raise SnapshotCorrupt(f"{self.path.name} is not a warmstart compressed image", hint=_CORRUPT_HINT)
         if n != -(-raw // chunk):
             raise SnapshotCorrupt(f"{self.path.name} has a bad chunk table", hint=_CORRUPT_HINT)
-        table = os.pread(self._fd, n * _ENTRY.size, _HEAD.size)
+        table = self._pread(n * _ENTRY.size, _HEAD.size)
         if len(table) != n * _ENTRY.size:
             raise SnapshotCorrupt(f"{self.path.name} is truncated", hint=_CORRUPT_HINT)
         entries = tuple(_ENTRY.unpack_from(table, i * _ENTRY.size) for i in range(n))
@@ -190,7 +194,7 @@ class CompressedPages:
         t = self._table
         off, length = t.entries[index]
         size = min(t.chunk, t.raw_size - index * t.chunk)
-        blob = os.pread(self._fd, length, off)
+        blob = self._pread(length, off)
         try:
             data = self._decompress(blob, size)
         except Exception as exc:  # noqa: BLE001 - any codec error is corruption
