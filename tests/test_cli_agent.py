@@ -200,3 +200,19 @@ def test_ctrl_c_cancels_the_agents_operation(agent: Agent, containers) -> None:
     assert w.status() == "running"
     n = _counter(w)
     wait_for(lambda: _counter(w) > n + 2, 20, what="the container to keep running")
+
+
+@pytest.mark.runc
+def test_a_container_listening_on_its_pod_ip_is_refused(agent: Agent, containers) -> None:
+    """The check reads the container's own network namespace (/proc/PID/net/tcp there)."""
+    code = ("import socket, time; s = socket.socket(); s.setsockopt(socket.IPPROTO_IP, 15, 1); "
+            "s.bind(('10.244.1.7', 8080)); s.listen(); open('/data/up', 'w').close(); time.sleep(600)")
+    w = containers("pod", ["/usr/bin/python3", "-c", code])
+    wait_for(lambda: (w.rootfs / "data/up").exists(), 30, what="the listener")
+    args = ("checkpoint", "--container", "pod", "--agent", str(agent.socket), "--runtime", "runc",
+            "--runc-root", str(agent.runc_root))
+    line = one_line_error(proc := cli(*args))
+    assert proc.returncode == 2
+    assert "TCP listener on 10.244.1.7:8080" in line and "--allow-bound-ip" in line
+    assert w.status() == "running"
+    assert not (agent.store / "pod").exists()

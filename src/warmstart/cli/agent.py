@@ -123,6 +123,8 @@ def ctl_checkpoint(
     leave_running: Annotated[bool, typer.Option(help="Keep the container running.")] = False,
     base_rootfs: Annotated[Optional[str], typer.Option(help="Image rootfs (plain-dir rootfs).")] = None,
     label: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE label.")] = None,
+    allow_bound_ip: Annotated[bool, typer.Option(
+        help="Checkpoint sockets bound to a specific non-loopback address anyway.")] = False,
     socket: SocketOpt = _SOCKET, runtime: RuntimeOpt = None, runc_root: RuncRootOpt = None,
     wait: WaitOpt = True, json_out: JsonOpt = False,
 ) -> None:
@@ -130,7 +132,7 @@ def ctl_checkpoint(
     body = {"type": "checkpoint", "container_id": container_id, "snapshot": snapshot,
             "store": store, "wait_ready": wait_ready, "leave_running": leave_running,
             "base_rootfs": base_rootfs, "labels": parse_pairs(label or []),
-            "runtime": runtime, "runc_root": runc_root}
+            "allow_bound_ip": allow_bound_ip, "runtime": runtime, "runc_root": runc_root}
     with _client(socket) as c:
         op = c.submit(body)
     _finish(socket, op, wait, json_out)

@@ -16,9 +16,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-#: /proc/net/tcp states: 0A listening, 07 closed (bound, not listening).
+#: /proc/net/tcp state of a listening socket. (A TCP socket bound but neither listening nor
+#: connected is not in /proc/net/tcp at all: it is not found here.)
 _TCP_LISTEN = "0A"
-_TCP_CLOSE = "07"
 _TABLES = (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6),
            ("udp", socket.AF_INET), ("udp6", socket.AF_INET6))
 
@@ -81,8 +81,8 @@ def socket_inodes(pid: int) -> set[int]:
 
 
 def bound_to_specific_ip(pids: list[int]) -> list[BoundSocket]:
-    """Listening TCP and bound UDP/TCP sockets of ``pids`` on a specific non-loopback
-    address. Established TCP connections are left to their own check."""
+    """Listening TCP and bound UDP sockets of ``pids`` on a specific non-loopback address.
+    Established TCP connections are left to their own check."""
     owners: dict[int, int] = {}
     by_netns: dict[int, int] = {}  # netns inode -> a PID in it (its tables are per netns)
     for pid in pids:
@@ -102,8 +102,8 @@ def bound_to_specific_ip(pids: list[int]) -> list[BoundSocket]:
             for inode, address, port, state in parse_table(text, family):
                 if inode not in owners or port == 0 or not is_specific(address):
                     continue
-                if table.startswith("tcp") and state not in (_TCP_LISTEN, _TCP_CLOSE):
-                    continue
+                if table.startswith("tcp") and state != _TCP_LISTEN:
+                    continue  # established connections have their own check
                 found.append(BoundSocket(owners[inode], table, address, port,
                                          state == _TCP_LISTEN and table.startswith("tcp")))
     return found
