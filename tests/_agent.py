@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 from _support import wait_for
+
 from warmstart.agent.client import AgentClient
 
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _support import wait_for
+
 from warmstart.host.sockets import bound_to_specific_ip, decode_address, is_specific
 from warmstart.snapshot.checkpoint import CheckpointOptions, preflight
 

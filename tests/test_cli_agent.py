@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _agent import SRC, Agent
 from _containers import COUNTER, PLACEHOLDER_ARGS, PLACEHOLDER_ENV, build_base, run_container
 from _support import Tree, wait_for

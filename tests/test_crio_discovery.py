@@ -20,10 +20,10 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-
 from _agent import SRC, Agent
 from _containers import COUNTER, PLACEHOLDER_ARGS, PLACEHOLDER_ENV, build_base, run_container
 from _support import wait_for
+
 from warmstart.errors import EnvironmentProblem, NotFoundError, UsageError
 from warmstart.runtime.discovery import CrioRuntime, detect_runtime, parse_crio_info
 
@@ -40,7 +40,7 @@ class FakeCrio:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 fake.requests.append(self.path)
                 cid = self.path.removeprefix("/containers/")
                 doc = fake.containers.get(cid) if self.path.startswith("/containers/") else None
@@ -215,7 +215,7 @@ def test_checkpoint_and_restore_through_the_agent_with_crio(crio: FakeCrio, runc
             capture_output=True, text=True, timeout=180, check=False, env=env)
         assert proc.returncode == 0, proc.stderr
         pid = json.loads(proc.stdout)["pid"]
-        counter = lambda: int((ph.rootfs / "data/counter").read_text().strip() or 0)  # noqa: E731
+        counter = lambda: int((ph.rootfs / "data/counter").read_text().strip() or 0)
         first = counter()
         wait_for(lambda: counter() > first + 3, 20, what="the restored counter to advance")
         assert _ns(pid, "net") == _ns(ph.pid, "net")

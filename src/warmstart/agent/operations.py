@@ -39,7 +39,9 @@ from warmstart.host.criu import DumpOptions
 from warmstart.runtime import container as ctr
 from warmstart.runtime import placeholder as ph
 from warmstart.runtime.discovery import Container, environ, runtime_for
+from warmstart.snapshot.checkpoint import CheckpointResult
 from warmstart.snapshot.manifest import Manifest, PhaseTiming
+from warmstart.snapshot.restore import RestoreResult
 from warmstart.store.local import LocalStore, check_name
 
 log = logging.getLogger("warmstart.agent")
@@ -293,7 +295,7 @@ class OperationManager:
             op.error_type = kind_of(exc)
             self.metrics.failures.labels(op.type, type(exc).__name__).inc()
             self._log(op, f"failed: {exc}")
-        except Exception as exc:  # noqa: BLE001 - reported, never lost
+        except Exception as exc:
             op.state, op.error = State.FAILED, f"internal error: {exc!r}"
             op.error_type = "WarmstartError"
             op.hint = "see the operation's logs and the agent's log"
@@ -349,7 +351,7 @@ class OperationManager:
                          listener=lambda name: self._phase(op, name))
         return self._checkpoint_report(op, res)
 
-    def _checkpoint_report(self, op: Operation, res) -> dict:  # noqa: ANN001 - CheckpointResult
+    def _checkpoint_report(self, op: Operation, res: CheckpointResult) -> dict:
         m = res.manifest
         self.metrics.bytes.labels(op.type).inc(m.total_bytes)
         op.snapshot = m.name
@@ -390,7 +392,7 @@ class OperationManager:
         report["gms_weights"] = prefetch.state if prefetch else None
         return report
 
-    def _restore_report(self, op: Operation, res) -> dict:  # noqa: ANN001 - RestoreResult
+    def _restore_report(self, op: Operation, res: RestoreResult) -> dict:
         m = res.manifest
         self.metrics.bytes.labels(op.type).inc(m.total_bytes)
         return {

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from warmstart.cli.app import app
 from warmstart.cli import via_agent
+from warmstart.cli.app import app
 from warmstart.cli.output import console, emit_json, human_bytes, progress, timing_table
 from warmstart.cli.via_agent import AgentOpt, RuncRootOpt, RuntimeOpt
 from warmstart.errors import UsageError
@@ -49,10 +49,10 @@ def parse_pairs(items: list[str]) -> dict[str, str]:
 @app.command()
 def checkpoint(
     pid: Annotated[
-        Optional[int], typer.Option("--pid", help="Root of the process tree to snapshot.")
+        int | None, typer.Option("--pid", help="Root of the process tree to snapshot.")
     ] = None,
     container: Annotated[
-        Optional[str], typer.Option("--container", help="With --agent: a container id to snapshot.")
+        str | None, typer.Option("--container", help="With --agent: a container id to snapshot.")
     ] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Snapshot name.")] = None,
     leave_running: Annotated[
@@ -217,7 +217,7 @@ def restore(
         Optional[int], typer.Option("--page-threads", min=1, max=256, help="Page-server threads.")
     ] = None,
     into: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--into", help="With --agent: the placeholder container to restore into."),
     ] = None,
     store: StoreOpt = None,

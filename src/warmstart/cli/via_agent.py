@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -21,7 +21,7 @@ from warmstart.errors import UsageError
 from warmstart.snapshot.manifest import Manifest, PhaseTiming
 
 AgentOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--agent", show_default=False, metavar="[SOCKET]",
         help="Let the node agent do it, over its socket (bare --agent: $WARMSTART_AGENT_SOCKET, "
@@ -29,9 +29,9 @@ AgentOpt = Annotated[
     ),
 ]
 RuntimeOpt = Annotated[
-    Optional[str], typer.Option("--runtime", help="With --agent: runc, containerd, crio or auto.")
+    str | None, typer.Option("--runtime", help="With --agent: runc, containerd, crio or auto.")
 ]
-RuncRootOpt = Annotated[Optional[str], typer.Option("--runc-root", help="With --agent: runc --root.")]
+RuncRootOpt = Annotated[str | None, typer.Option("--runc-root", help="With --agent: runc --root.")]
 _COMMANDS = frozenset({"checkpoint", "restore", "ls", "inspect"})
 
 
