@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 from _agent import SRC, Agent
 from _containers import COUNTER, PLACEHOLDER_ARGS, PLACEHOLDER_ENV, build_base, run_container
@@ -67,6 +68,7 @@ def test_a_process_tree_through_the_agent(agent: Agent, tree_factory) -> None:
     report = json.loads(proc.stdout)
     assert report["pid"] == tree.pid and report["name"] == "t1"
     assert {p["name"] for p in report["timings"]} >= {"checks", "criu-restore", "resume"}
+    assert psutil.Process(report["pid"]).ppid() != agent.proc.pid  # detached from the agent
     back = Tree(tree.state, None, report["pid"])
     try:
         assert back.wait_progress()["counter"] > at_checkpoint  # state continues
