@@ -217,3 +217,31 @@ def test_a_container_listening_on_its_pod_ip_is_refused(agent: Agent, containers
     assert "TCP listener on 10.244.1.7:8080" in line and "--allow-bound-ip" in line
     assert w.status() == "running"
     assert not (agent.store / "pod").exists()
+
+
+def test_agent_restart_mid_process_restore_kills_the_stopped_tree(agent: Agent, tree_factory) -> None:
+    tree = tree_factory()
+    assert cli("checkpoint", "--pid", str(tree.pid), "--name", "pr", "--agent",
+               str(agent.socket)).returncode == 0
+    tree.popen.wait(timeout=10)
+    agent.stop()
+    agent.start(WARMSTART_AGENT_PAUSE_AT="resume")  # CRIU has restored the tree, stopped
+    with agent.client() as c:
+        op = c.submit({"type": "restore", "snapshot": "pr"})
+        wait_for(lambda: "paused at resume" in str(c.operation(op["id"])["logs"]), 60)
+    assert psutil.Process(tree.pid).status() == psutil.STATUS_STOPPED  # same PID, never resumed
+    agent.kill()
+    agent.start()
+    with agent.client() as c:
+        after = c.operation(op["id"])
+    assert after["state"] == "failed" and "(in resume)" in after["error"]
+    assert f"killed half-restored PID {tree.pid}" in str(after["logs"])
+    wait_for(lambda: not tree.alive(), 10, what="the stopped tree to be gone")
+    # the PIDs are free again: a retry restores
+    proc = cli("restore", "pr", "--agent", str(agent.socket), "--json")
+    assert proc.returncode == 0, proc.stderr
+    back = Tree(tree.state, None, json.loads(proc.stdout)["pid"])
+    try:
+        back.wait_progress()
+    finally:
+        back.kill()

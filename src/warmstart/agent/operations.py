@@ -127,8 +127,7 @@ class OperationManager:
             elif op.type == "restore" and op.container_id:
                 outcome = self._recover_restore(op)
             elif op.type == "restore":
-                self._log(op, "agent restart: a process-tree restore is not cleaned up "
-                          "(a tree CRIU left stopped stays stopped)")
+                self._recover_process_restore(op)
         except WarmstartError as exc:
             self._log(op, f"agent restart: cleanup: {exc}")
         op.state = outcome
@@ -156,6 +155,23 @@ class OperationManager:
         for stale in (ph.RESTORED_PID, ph.RESTORE_STARTED):
             (control / stale).unlink(missing_ok=True)
         return State.FAILED
+
+    def _recover_process_restore(self, op: Operation) -> None:
+        """A process tree keeps its PIDs: kill the snapshot's root if CRIU left it stopped
+        (restored, never resumed) and it is the snapshot's process (same name)."""
+        if op.phase not in ("criu-restore", "page-fill", "verify-wait", "resume"):
+            return
+        manifest = Manifest.load(self._store(op.request.get("store")).path_of(op.snapshot or ""))  # type: ignore[arg-type]
+        root = next((p for p in manifest.tree.processes if p.pid == manifest.tree.root_pid), None)
+        try:
+            proc = psutil.Process(manifest.tree.root_pid)
+            stopped = proc.status() == psutil.STATUS_STOPPED
+            same = root is not None and proc.name() == root.name
+        except psutil.NoSuchProcess:
+            return
+        if stopped and same:
+            hostproc.kill_tree(proc.pid)
+            self._log(op, f"agent restart: killed half-restored PID {proc.pid}")
 
     # -- requests ---------------------------------------------------------------------
     def _runtime(self, request: dict[str, object] | Request):
