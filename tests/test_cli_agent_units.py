@@ -9,7 +9,14 @@ import pytest
 from warmstart.agent.client import error_of
 from warmstart.agent.models import CheckpointRequest, RestoreRequest
 from warmstart.cli.via_agent import agent_socket, agent_store, expand_agent_flag
-from warmstart.errors import Cancelled, NotFoundError, UsageError, WarmstartError, from_kind, kind_of
+from warmstart.errors import (
+    Cancelled,
+    NotFoundError,
+    UsageError,
+    WarmstartError,
+    from_kind,
+    kind_of,
+)
 
 
 @pytest.mark.parametrize(("argv", "want"), [

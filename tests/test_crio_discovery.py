@@ -186,7 +186,7 @@ def test_checkpoint_and_restore_through_the_agent_with_crio(crio: FakeCrio, runc
                                                             tmp_path: Path) -> None:
     """`warmstart checkpoint --container ID --agent` with the agent on --runtime auto, which
     finds the CRI-O socket; containers are found through CRI-O only."""
-    container, runc_root = runc_containers
+    container, _runc_root = runc_containers
     orig = container("orig", ["sh", "-c", COUNTER])
     wait_for(lambda: (orig.rootfs / "data/counter").exists(), 20)
     crio.add(FULL_ID, orig.pid, root=str(orig.rootfs))
