@@ -8,97 +8,24 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
+from _agent import Agent
 from _containers import COUNTER, PLACEHOLDER_ARGS, PLACEHOLDER_ENV, build_base, run_container
 from _support import wait_for
-from warmstart.agent.client import AgentClient
 from warmstart.errors import Incompatible, NotFoundError, UsageError, WarmstartError
 
 pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.criu, pytest.mark.slow]
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 NS_GET_PARENT = 0xB702
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     return build_base(tmp_path_factory.mktemp("image") / "rootfs")
-
-
-class Agent:
-    def __init__(self, tmp: Path, runc_root: Path) -> None:
-        self.socket = tmp / "agent.sock"
-        self.state = tmp / "agent-state"
-        self.store = tmp / "store"
-        self.runc_root = runc_root
-        self.log = tmp / "agent.log"
-        self.proc: subprocess.Popen | None = None
-        self.metrics_port = 0
-
-    def start(self, **extra_env: str) -> None:
-        self.socket.unlink(missing_ok=True)
-        env = dict(os.environ, PYTHONPATH=str(SRC), **extra_env)
-        with socket_port() as port:
-            self.metrics_port = port
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "warmstart", "agent", "--socket", str(self.socket),
-             "--state-dir", str(self.state), "--store", str(self.store), "--runtime", "runc",
-             "--runc-root", str(self.runc_root), "--metrics-port", str(self.metrics_port),
-             "--metrics-addr", "127.0.0.1"],
-            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env)
-
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"agent exited: {self.log.read_text()[-2000:]}")
-            try:
-                with AgentClient(self.socket) as c:
-                    return c.call("GET", "/healthz")["ok"]
-            except Exception:
-                return False
-
-        wait_for(up, 30, 0.1, "the agent to listen")
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def client(self) -> AgentClient:
-        return AgentClient(self.socket)
-
-    def run(self, body: dict, timeout: float = 120) -> dict:
-        with self.client() as c:
-            op = c.submit({"runtime": "runc", **body})
-            return c.wait(op["id"], timeout=timeout)
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            return r.read().decode()
-
-
-class socket_port:
-    def __enter__(self) -> int:
-        import socket
-
-        self.s = socket.socket()
-        self.s.bind(("127.0.0.1", 0))
-        return self.s.getsockname()[1]
-
-    def __exit__(self, *exc) -> None:
-        self.s.close()
 
 
 @pytest.fixture

@@ -97,3 +97,22 @@ class Untrusted(WarmstartError):
     """A snapshot is unsigned, wrongly signed, or signed by a key this node does not trust."""
 
     exit_code = 65
+
+
+def kind_of(exc: WarmstartError) -> str:
+    """The name of the nearest class of this module in ``exc``'s MRO (for the wire)."""
+    for cls in type(exc).__mro__:
+        if globals().get(cls.__name__) is cls:
+            return cls.__name__
+    return "WarmstartError"
+
+
+def from_kind(kind: str | None, message: str, hint: str | None = None) -> WarmstartError:
+    """The error ``kind_of`` named, rebuilt on the other side of the wire."""
+    cls = globals().get(kind or "")
+    if not (isinstance(cls, type) and issubclass(cls, WarmstartError)):
+        cls = WarmstartError
+    try:
+        return cls(message, hint=hint)
+    except TypeError:  # a class with another signature
+        return WarmstartError(message, hint=hint)

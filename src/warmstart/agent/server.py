@@ -7,6 +7,7 @@ Routes (all JSON; errors are ``{"error": "<one line>", "hint": "..."}``):
 * ``POST /v1/operations`` — start a checkpoint / restore / cold-start -> 202 + the operation
 * ``GET  /v1/operations`` — all operations; ``GET /v1/operations/{id}`` — one
 * ``POST /v1/operations/{id}/cancel`` — request cancellation
+* ``GET  /v1/snapshots`` — the store's snapshots (``?store=``); ``GET /v1/snapshots/{name}`` — a manifest
 * ``GET  /healthz``
 """
 
@@ -25,7 +26,7 @@ from pydantic import Field, TypeAdapter
 
 from warmstart.agent.models import Request as OpRequest
 from warmstart.agent.operations import Conflict, OperationManager, Settings
-from warmstart.errors import Incompatible, NotFoundError, UsageError, WarmstartError
+from warmstart.errors import Incompatible, NotFoundError, UsageError, WarmstartError, kind_of
 from warmstart.runtime.discovery import runtime_for
 
 _REQUEST = TypeAdapter(Annotated[OpRequest, Field(discriminator="type")])
@@ -60,7 +61,8 @@ def create_app(manager: OperationManager) -> FastAPI:
 
     @app.exception_handler(WarmstartError)
     async def _warmstart_error(_req: Request, exc: WarmstartError) -> JSONResponse:
-        return JSONResponse({"error": exc.message, "hint": exc.hint}, status_code=_status(exc))
+        return JSONResponse({"error": exc.message, "hint": exc.hint, "error_type": kind_of(exc)},
+                            status_code=_status(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
@@ -83,6 +85,18 @@ def create_app(manager: OperationManager) -> FastAPI:
         rt = runtime_for(runtime or manager.settings.runtime,
                          runc_root=runc_root or manager.settings.runc_root)
         return rt.get(container_id.split("://", 1)[-1]).describe()
+
+    @app.get("/v1/snapshots")
+    def snapshots(store: str | None = None) -> dict[str, Any]:
+        s = manager.store(store)
+        return {"store": str(s.root), "snapshots": [
+            {"name": e.name, "error": e.error,
+             "manifest": e.manifest.model_dump(mode="json") if e.manifest else None}
+            for e in s.entries()]}
+
+    @app.get("/v1/snapshots/{name}")
+    def snapshot(name: str, store: str | None = None) -> dict[str, Any]:
+        return manager.store(store).manifest(name).model_dump(mode="json")
 
     @app.post("/v1/operations", status_code=202)
     def submit(body: Annotated[dict[str, Any], Body()]) -> JSONResponse:

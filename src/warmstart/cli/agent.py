@@ -18,7 +18,7 @@ app.add_typer(ctl, name="agent-ctl")
 SocketOpt = Annotated[Path, typer.Option("--socket", envvar="WARMSTART_AGENT_SOCKET",
                                          help="The agent's unix socket.")]
 _SOCKET = Path("/run/warmstart/agent.sock")
-RuntimeOpt = Annotated[Optional[str], typer.Option("--runtime", help="runc or containerd.")]
+RuntimeOpt = Annotated[Optional[str], typer.Option("--runtime", help="runc, containerd, crio or auto.")]
 RuncRootOpt = Annotated[Optional[str], typer.Option("--runc-root", help="runc --root of the container.")]
 WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the operation to end.")]
 
@@ -31,7 +31,8 @@ def agent(
     store: Annotated[str, typer.Option(envvar="WARMSTART_STORE",
                                        help="Default snapshot store (directory or file:// URL).")
                      ] = "/var/lib/warmstart/snapshots",
-    runtime: Annotated[str, typer.Option(help="Default runtime: runc or containerd.")] = "containerd",
+    runtime: Annotated[str, typer.Option(help="Default runtime: runc, containerd, crio or auto "
+                                         "(the runtime whose socket is present).")] = "containerd",
     runc_root: Annotated[Optional[str], typer.Option(help="Default runc --root.")] = None,
     metrics_port: Annotated[int, typer.Option(envvar="WARMSTART_DAEMON_METRICS_PORT",
                                               help="Prometheus port (0: off).")] = 9465,
@@ -67,7 +68,8 @@ def _show(op: dict[str, Any], json_out: bool) -> None:
     if json_out:
         emit_json(op)
         return
-    line = f"{op['id']}  {op['type']}  {op['container_id']}  {op['state']}"
+    target = op.get("container_id") or (f"pid:{op['pid']}" if op.get("pid") else "process")
+    line = f"{op['id']}  {op['type']}  {target}  {op['state']}"
     if op.get("phase"):
         line += f"  ({op['phase']})"
     console.print(line)
@@ -81,7 +83,7 @@ def _show(op: dict[str, Any], json_out: bool) -> None:
 def _finish(socket: Path, op: dict[str, Any], wait: bool, json_out: bool) -> None:
     if wait:
         with _client(socket) as c:
-            op = c.wait(op["id"])
+            op = c.follow(op["id"])  # Ctrl-C cancels the operation
     _show(op, json_out)
     if op["state"] == "failed":
         raise typer.Exit(1)
@@ -121,6 +123,8 @@ def ctl_checkpoint(
     leave_running: Annotated[bool, typer.Option(help="Keep the container running.")] = False,
     base_rootfs: Annotated[Optional[str], typer.Option(help="Image rootfs (plain-dir rootfs).")] = None,
     label: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE label.")] = None,
+    allow_bound_ip: Annotated[bool, typer.Option(
+        help="Checkpoint sockets bound to a specific non-loopback address anyway.")] = False,
     socket: SocketOpt = _SOCKET, runtime: RuntimeOpt = None, runc_root: RuncRootOpt = None,
     wait: WaitOpt = True, json_out: JsonOpt = False,
 ) -> None:
@@ -128,7 +132,7 @@ def ctl_checkpoint(
     body = {"type": "checkpoint", "container_id": container_id, "snapshot": snapshot,
             "store": store, "wait_ready": wait_ready, "leave_running": leave_running,
             "base_rootfs": base_rootfs, "labels": parse_pairs(label or []),
-            "runtime": runtime, "runc_root": runc_root}
+            "allow_bound_ip": allow_bound_ip, "runtime": runtime, "runc_root": runc_root}
     with _client(socket) as c:
         op = c.submit(body)
     _finish(socket, op, wait, json_out)

@@ -26,7 +26,9 @@ def fail(exc: WarmstartError) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     from warmstart.cli import agent, commands, doctor, gms, remote, workers  # noqa: F401  (they register themselves)
+    from warmstart.cli.via_agent import expand_agent_flag
 
+    argv = expand_agent_flag(sys.argv[1:] if argv is None else argv)  # a bare --agent: default socket
     try:
         app(args=argv, prog_name="warmstart", standalone_mode=True)
     except WarmstartError as exc:

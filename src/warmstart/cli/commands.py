@@ -8,8 +8,10 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
+from warmstart.cli import via_agent
 from warmstart.cli.app import app
 from warmstart.cli.output import console, emit_json, human_bytes, progress, timing_table
+from warmstart.cli.via_agent import AgentOpt, RuncRootOpt, RuntimeOpt
 from warmstart.errors import UsageError
 from warmstart.host.bandwidth import Bandwidth
 from warmstart.host.criu import DumpOptions
@@ -46,7 +48,12 @@ def parse_pairs(items: list[str]) -> dict[str, str]:
 
 @app.command()
 def checkpoint(
-    pid: Annotated[int, typer.Option("--pid", help="Root of the process tree to snapshot.")],
+    pid: Annotated[
+        int | None, typer.Option("--pid", help="Root of the process tree to snapshot.")
+    ] = None,
+    container: Annotated[
+        str | None, typer.Option("--container", help="With --agent: a container id to snapshot.")
+    ] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Snapshot name.")] = None,
     leave_running: Annotated[
         bool, typer.Option("--leave-running", help="Keep the original tree running.")
@@ -86,16 +93,56 @@ def checkpoint(
             "(smaller: pays off for remote stores; docs/restore-speed.md).",
         ),
     ] = "none",
+    wait_ready: Annotated[
+        bool, typer.Option("--wait-ready", help="First wait for the worker's ready-for-snapshot.")
+    ] = False,
+    allow_bound_ip: Annotated[
+        bool,
+        typer.Option("--allow-bound-ip", help="Checkpoint sockets bound to a specific non-loopback "
+                     "address (the pod IP) anyway; see docs/agent.md."),
+    ] = False,
     store: StoreOrUrlOpt = None,
+    agent: AgentOpt = None,
+    runtime: RuntimeOpt = None,
+    runc_root: RuncRootOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Snapshot the process tree rooted at PID into the store."""
+    """Snapshot the process tree rooted at PID (or, with --agent, a container) into the store."""
     from warmstart.cli.remote import check_push_target, do_push, is_url, push_report, working_store
     from warmstart.snapshot.checkpoint import CheckpointOptions
     from warmstart.snapshot.checkpoint import checkpoint as do_checkpoint
     from warmstart.store.compress import check_codec
 
+    if (pid is None) == (container is None):
+        raise UsageError("give one of --pid and --container",
+                         hint="--pid PID for a process tree, --container ID (with --agent) for a container")
+    socket = via_agent.agent_socket(agent)
+    if socket is not None:
+        if sign is not None:
+            raise UsageError("--sign does not go with --agent",
+                             hint="checkpoint through the agent, then `warmstart push --sign`")
+        body = {
+            "type": "checkpoint", "container_id": container, "pid": pid, "snapshot": name,
+            "store": via_agent.agent_store(store), "wait_ready": wait_ready,
+            "leave_running": leave_running, "labels": parse_pairs(label),
+            "allow_bound_ip": allow_bound_ip, "runtime": runtime, "runc_root": runc_root,
+        }
+        if pid is not None:
+            body.update(tcp_established=tcp_established, tcp_close=tcp_close, shell_job=shell_job,
+                        ext_unix_sk=ext_unix_sk, ghost_limit_mib=ghost_limit_mib,
+                        gpu_lock_timeout_s=gpu_lock_timeout, durable=not no_fsync,
+                        compress=check_codec(compress) or "none")
+        via_agent.checkpoint(socket, body, json_out=json_out)
+        return
+    if container is not None:
+        raise UsageError("--container needs the node agent", hint="add --agent [SOCKET]")
+    assert pid is not None
     check_push_target(store, sign)  # --store URL: checkpoint locally, then push (below)
+    if wait_ready:
+        from warmstart.agent.operations import process_control_dir
+        from warmstart.runtime.container import wait_for_ready
+
+        wait_for_ready(process_control_dir(pid), f"PID {pid}", 600.0)
 
     options = CheckpointOptions(
         leave_running=leave_running,
@@ -110,6 +157,7 @@ def checkpoint(
         durable=not no_fsync,
         labels=parse_pairs(label),
         compress=check_codec(compress),
+        allow_bound_ip=allow_bound_ip,
     )
     with progress(not json_out, f"checkpointing PID {pid}") as on_phase:
         local = working_store(store)
@@ -183,7 +231,14 @@ def restore(
             "the page server applies); --no-stream pulls everything first.",
         ),
     ] = True,
+    into: Annotated[
+        str | None,
+        typer.Option("--into", help="With --agent: the placeholder container to restore into."),
+    ] = None,
     store: StoreOpt = None,
+    agent: AgentOpt = None,
+    runtime: RuntimeOpt = None,
+    runc_root: RuncRootOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Restore a snapshot; the tree continues where it stopped."""
@@ -191,6 +246,23 @@ def restore(
     from warmstart.snapshot.restore import RestoreRequest
     from warmstart.snapshot.restore import restore as do_restore
 
+    socket = via_agent.agent_socket(agent)
+    if socket is None and into is not None:
+        raise UsageError("--into needs the node agent", hint="add --agent [SOCKET]")
+    if socket is not None:
+        if "://" in name:
+            raise UsageError("--agent restores from a local store",
+                             hint="pull the snapshot first (`warmstart pull`), then restore it by name")
+        body = {"type": "restore", "container_id": into, "snapshot": name,
+                "store": via_agent.agent_store(store), "env": parse_pairs(env),
+                "gpu_map": list(gpu_map), "runtime": runtime, "runc_root": runc_root}
+        if into is None:
+            body.update(control_dir=str(control_dir.absolute()) if control_dir else None,
+                        verify=not no_verify, parallel_pages=parallel_pages, page_threads=page_threads)
+        pid = via_agent.restore(socket, body, json_out=json_out)
+        if not detach:
+            _wait_exit(pid)
+        return
     prefetch = None
 
     def request_for(manifest: Any) -> RestoreRequest:
@@ -252,19 +324,27 @@ def restore(
         if prefetch is not None:
             console.print(f"weights from the memory service: {prefetch.state}")
     if not detach:
-        import psutil
+        _wait_exit(result.pid)
 
-        try:
-            psutil.Process(result.pid).wait()
-        except psutil.NoSuchProcess:
-            pass
+
+def _wait_exit(pid: int) -> None:
+    import psutil
+
+    try:
+        psutil.Process(pid).wait()
+    except psutil.NoSuchProcess:
+        pass
 
 
 @app.command("ls")
-def list_snapshots(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
+def list_snapshots(store: StoreOpt = None, agent: AgentOpt = None, json_out: JsonOpt = False) -> None:
     """List the snapshots in the store."""
-    s = open_store(store)
-    entries = s.entries()
+    socket = via_agent.agent_socket(agent)
+    if socket is not None:
+        root, entries = via_agent.list_snapshots(socket, str(store) if store else None)
+    else:
+        s = open_store(store)
+        root, entries = str(s.root), s.entries()
     if json_out:
         emit_json(
             [
@@ -280,7 +360,7 @@ def list_snapshots(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
             ]
         )
         return
-    table = Table(title=f"snapshots in {s.root}", title_justify="left")
+    table = Table(title=f"snapshots in {root}", title_justify="left")
     for col in ("name", "created", "size", "processes", "GPUs", "root command"):
         table.add_column(col)
     for e in entries:
@@ -303,10 +383,15 @@ def list_snapshots(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
 def inspect(
     name: Annotated[str, typer.Argument(help="Snapshot name.")],
     store: StoreOpt = None,
+    agent: AgentOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Show a snapshot's manifest."""
-    m = open_store(store).manifest(name)
+    socket = via_agent.agent_socket(agent)
+    if socket is not None:
+        m = via_agent.manifest(socket, name, str(store) if store else None)
+    else:
+        m = open_store(store).manifest(name)
     if json_out:
         emit_json(m)
         return

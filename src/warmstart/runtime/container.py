@@ -108,16 +108,22 @@ def plan_dump(container: Container, *, image: str | None = None,
 
 def wait_ready(container: Container, timeout_s: float, *,
                cancelled: Callable[[], bool] = lambda: False) -> None:
-    control = container.control_dir()
+    wait_for_ready(container.control_dir(), f"container {container.id!r}", timeout_s,
+                   cancelled=cancelled)
+
+
+def wait_for_ready(control: Path | None, what: str, timeout_s: float, *,
+                   cancelled: Callable[[], bool] = lambda: False) -> None:
+    """Wait for ``ready-for-snapshot`` in the control dir of ``what`` (a container, a PID)."""
     if control is None:
-        raise UsageError(f"container {container.id!r} has no ${protocol.CONTROL_DIR_ENV}",
-                         hint="set it in the container's environment, or do not wait_ready")
+        raise UsageError(f"{what} has no ${protocol.CONTROL_DIR_ENV}",
+                         hint="set it in the worker's environment, or do not wait_ready")
     deadline = time.monotonic() + timeout_s
     while not (control / protocol.READY_FOR_SNAPSHOT).exists():
         if cancelled():
             raise Cancelled("checkpoint cancelled while waiting for the worker")
         if time.monotonic() > deadline:
-            raise UsageError(f"container {container.id!r} did not write "
+            raise UsageError(f"{what} did not write "
                              f"{protocol.READY_FOR_SNAPSHOT} within {timeout_s:g}s",
                              hint="is the worker using the warmstart SDK?")
         time.sleep(0.1)
@@ -127,7 +133,7 @@ def checkpoint_container(
     container: Container, *, store: LocalStore, name: str | None = None,
     base_rootfs: Path | None = None, leave_running: bool = False,
     labels: dict[str, str] | None = None, criu: Criu | None = None,
-    listener: PhaseListener | None = None,
+    listener: PhaseListener | None = None, allow_bound_ip: bool = False,
 ) -> CheckpointResult:
     upper = container.proc.overlay_upperdir
     if upper:
@@ -156,7 +162,7 @@ def checkpoint_container(
         return {"kind": "container", "container": info, "files": files}
 
     options = CheckpointOptions(
-        leave_running=leave_running, dump=plan.options,
+        leave_running=leave_running, dump=plan.options, allow_bound_ip=allow_bound_ip,
         labels={"container_id": container.id, **(labels or {})},
     )
     return checkpoint(container.pid, store=store, name=name, options=options, criu=criu,

@@ -1,4 +1,5 @@
-"""Find a container from its runtime's own state: runc ``state.json`` or containerd (``ctr``).
+"""Find a container from its runtime's own state: runc ``state.json``, containerd (``ctr``)
+or CRI-O (its inspect API on ``crio.sock``).
 
 Both give the same :class:`Container`: init PID, root filesystem (a host path), bundle,
 configured mounts, image identity and what ``/proc/PID`` says (namespaces, mountinfo,
@@ -25,6 +26,9 @@ CONTAINERD_NAMESPACE = "k8s.io"
 #: containerd's --state directory; task bundles live under it.
 CONTAINERD_STATE = Path("/run/containerd")
 TASK_DIR = "io.containerd.runtime.v2.task"
+#: CRI-O's socket; it serves an HTTP inspect API (``GET /containers/ID``) next to CRI gRPC.
+CRIO_SOCKET = Path("/var/run/crio/crio.sock")
+CONTAINERD_SOCKET = Path("/run/containerd/containerd.sock")
 #: Annotation (OCI) naming the image a container runs; wins over what is inferred.
 IMAGE_ANNOTATION = "warmstart.dev/image"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,253}$")
@@ -87,7 +91,7 @@ def check_id(container_id: str) -> str:
     return container_id
 
 
-def _environ(pid: int) -> dict[str, str]:
+def environ(pid: int) -> dict[str, str]:
     try:
         raw = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
@@ -185,7 +189,7 @@ class RuncRuntime:
             bundle=Path(facts["bundle"]) if facts["bundle"] else None,
             image=_image_identity(facts["annotations"], proc), mounts=facts["mounts"],
             masked_paths=facts["masked_paths"], annotations=facts["annotations"], proc=proc,
-            env=_environ(pid),
+            env=environ(pid),
         )
 
 
@@ -266,12 +270,138 @@ class ContainerdRuntime:
             rootfs=root if root.is_absolute() else bundle / root, bundle=bundle,
             image=_image_identity(info["annotations"], proc, info["image"]),
             mounts=info["mounts"], masked_paths=info["masked_paths"],
-            annotations=info["annotations"], proc=proc, env=_environ(pid),
+            annotations=info["annotations"], proc=proc, env=environ(pid),
         )
+
+
+def parse_crio_info(doc: dict[str, Any]) -> dict[str, Any]:
+    """CRI-O's ``GET /containers/ID`` (``types.ContainerInfo``: name, pid, image, image_ref,
+    labels, annotations, crio_annotations, log_path, root, sandbox, ip_addresses)."""
+    annotations = dict(doc.get("annotations") or {})
+    annotations.update(doc.get("labels") or {})
+    return {
+        "pid": int(doc.get("pid") or 0),
+        "image": doc.get("image") or doc.get("image_ref") or "",
+        "root": doc.get("root") or "",
+        "annotations": annotations,
+        "sandbox": doc.get("sandbox") or "",
+        "ips": list(doc.get("ip_addresses") or ([doc["ip_address"]] if doc.get("ip_address") else [])),
+    }
+
+
+class CrioRuntime:
+    """Containers of CRI-O, found through the inspect API it serves on its socket.
+
+    The API gives the init PID, image, labels/annotations and the container's mount point
+    (``root``); everything else comes from ``/proc/PID``. Without a usable ``root`` (older
+    CRI-O) the rootfs is the host mount that the container's ``/`` is (mountinfo)."""
+
+    name = "crio"
+
+    def __init__(self, socket: Path | str = CRIO_SOCKET) -> None:
+        self.socket = Path(socket)
+
+    def _inspect(self, container_id: str) -> dict[str, Any]:
+        import httpx
+
+        try:
+            with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)),
+                              base_url="http://crio", timeout=10.0) as http:
+                resp = http.get(f"/containers/{container_id}")
+        except httpx.TransportError as exc:
+            raise EnvironmentProblem(f"cannot reach CRI-O at {self.socket} ({exc})",
+                                     hint="is crio running? ($WARMSTART_CRIO_SOCKET)") from None
+        if resp.status_code == 404:
+            raise NotFoundError(f"no CRI-O container {container_id!r}",
+                                hint="check `crictl ps` (the full container id)")
+        if resp.status_code >= 400:
+            raise EnvironmentProblem(f"CRI-O inspect of {container_id!r} failed: "
+                                     f"{resp.status_code} {resp.text.strip()[:200]}")
+        try:
+            return resp.json()
+        except ValueError:
+            raise EnvironmentProblem(f"CRI-O at {self.socket} answered no JSON for "
+                                     f"{container_id!r}") from None
+
+    def get(self, container_id: str) -> Container:
+        check_id(container_id)
+        info = parse_crio_info(self._inspect(container_id))
+        pid = info["pid"]
+        try:
+            if pid <= 0:
+                raise OSError
+            proc = ProcView.read(pid)
+        except OSError:
+            raise UsageError(f"CRI-O container {container_id!r} is not running",
+                             hint="pass a running container") from None
+        rootfs = _checked_root(info["root"], pid) or host_root_of(pid, proc)
+        if rootfs is None:
+            raise EnvironmentProblem(
+                f"cannot find the root filesystem of CRI-O container {container_id!r} "
+                "in the agent's mount namespace",
+                hint="run the agent in the host's mount namespace (or mount /var/lib/containers)")
+        annotations = {**info["annotations"]}
+        if info["sandbox"]:
+            annotations.setdefault("io.kubernetes.cri-o.SandboxID", info["sandbox"])
+        return Container(
+            id=container_id, runtime=self.name, pid=pid, rootfs=rootfs, bundle=None,
+            image=_image_identity(annotations, proc, info["image"]), mounts=[],
+            masked_paths=[], annotations=annotations, proc=proc, env=environ(pid),
+        )
+
+
+def _same_dir(a: Path | str, b: Path | str) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _checked_root(root: str, pid: int) -> Path | None:
+    """The runtime's word for the rootfs, if it is the directory the container sees as /."""
+    if root and _same_dir(root, f"/proc/{pid}/root"):
+        return Path(root)
+    return None
+
+
+def host_root_of(pid: int, proc: ProcView | None = None) -> Path | None:
+    """Where the container's ``/`` is mounted in this mount namespace: the mount of the
+    same device whose root contains the container's (mountinfo), checked by inode."""
+    view = proc or ProcView.read(pid)
+    croot = view.root_mount
+    if croot is None:
+        return None
+    from warmstart.runtime.procinfo import mountinfo
+
+    candidates = []
+    for m in mountinfo("self"):
+        if m.dev != croot.dev:
+            continue
+        if croot.root == m.root or croot.root.startswith(m.root.rstrip("/") + "/"):
+            rel = croot.root[len(m.root):].lstrip("/") if m.root != "/" else croot.root.lstrip("/")
+            candidates.append(Path(m.mountpoint) / rel)
+    for path in sorted(candidates, key=lambda p: len(str(p))):
+        if _same_dir(path, f"/proc/{pid}/root"):
+            return path
+    return None
+
+
+def detect_runtime() -> str:
+    """``auto``: the runtime whose socket is present (CRI-O, then containerd), else runc."""
+    if Path(os.environ.get("WARMSTART_CRIO_SOCKET") or CRIO_SOCKET).exists():
+        return "crio"
+    if Path(os.environ.get("WARMSTART_CONTAINERD_SOCKET") or CONTAINERD_SOCKET).exists():
+        return "containerd"
+    return "runc"
 
 
 def runtime_for(name: str, *, runc_root: str | None = None,
                 namespace: str | None = None) -> Runtime:
+    if name == "auto":
+        name = detect_runtime()
+    if name in ("crio", "cri-o"):
+        return CrioRuntime(os.environ.get("WARMSTART_CRIO_SOCKET") or CRIO_SOCKET)
     if name == "runc":
         return RuncRuntime(runc_root or os.environ.get("WARMSTART_RUNC_ROOT") or RUNC_ROOT)
     if name == "containerd":
@@ -279,4 +409,4 @@ def runtime_for(name: str, *, runc_root: str | None = None,
             namespace or os.environ.get("WARMSTART_CONTAINERD_NAMESPACE") or CONTAINERD_NAMESPACE,
             address=os.environ.get("WARMSTART_CONTAINERD_SOCKET"),
             state=os.environ.get("WARMSTART_CONTAINERD_STATE") or CONTAINERD_STATE)
-    raise UsageError(f"unknown runtime {name!r}", hint="use runc or containerd")
+    raise UsageError(f"unknown runtime {name!r}", hint="use runc, containerd, crio or auto")

@@ -35,6 +35,7 @@ import psutil
 
 from warmstart.errors import StoreError, UsageError
 from warmstart.host import process as proc
+from warmstart.host import sockets
 from warmstart.host.criu import Criu, DumpOptions, find_criu
 from warmstart.host.stats import DumpStats
 from warmstart.snapshot import gpu_state, hostinfo
@@ -63,6 +64,8 @@ class CheckpointOptions:
     labels: dict[str, str] = field(default_factory=dict)
     #: Compress the page images (``zstd`` or ``lz4``; None keeps CRIU's raw files).
     compress: str | None = None
+    #: Checkpoint sockets bound to a specific non-loopback address (the pod IP) anyway.
+    allow_bound_ip: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,13 @@ def preflight(pid: int, options: CheckpointOptions) -> list[int]:
                 + (f" (and {len(conns) - 1} more)" if len(conns) > 1 else ""),
                 hint="close it before the checkpoint or pass --tcp-established / --tcp-close",
             )
+    if not options.allow_bound_ip and (bound := sockets.bound_to_specific_ip(pids)):
+        raise UsageError(
+            f"{bound[0]} is bound to a specific address, which a restore in another "
+            "network namespace cannot bind" + (f" (and {len(bound) - 1} more)" if len(bound) > 1 else ""),
+            hint="bind 0.0.0.0, :: or loopback before the checkpoint point, "
+            "or pass --allow-bound-ip (docs/agent.md)",
+        )
     if uring := uses_io_uring(pids):
         raise UsageError(
             f"PID {uring[0]} uses io_uring, which CRIU cannot checkpoint",
