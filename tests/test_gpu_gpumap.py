@@ -135,3 +135,35 @@ def test_accepts_manifest_records() -> None:
     gp = manifest.GpuProcess(pid=7, gpu_uuid=U[0], gpu_model=H100, gpu_index=0,
                              driver_version="580.65.06")
     assert resolve_gpu_map([gp], inv((U[2], H100)), ["0=0"]) == [(U[0], U[2])]
+
+
+def test_visible_gpus_follow_cuda_visible_devices() -> None:
+    from warmstart.gpu.gpumap import visible_gpus
+
+    host = inv((U[0], H100), (U[1], H100), (U[2], H100))
+    assert visible_gpus(None, host) == (U[0], U[1], U[2])
+    assert visible_gpus("2,0", host) == (U[2], U[0])
+    assert visible_gpus(U[1][:12], host) == (U[1],)  # a UUID prefix, as CUDA takes it
+    assert visible_gpus("1,7,0", host) == (U[1],)  # CUDA stops at the first it cannot match
+    assert visible_gpus("", host) == ()
+
+
+@pytest.mark.parametrize(
+    ("pairs", "visible", "expected"),
+    [
+        # a one-GPU worker moved 0 -> 1 on a host whose two GPUs it could both see
+        ([(U[0], U[1])], [U[0], U[1]], [(U[0], U[1]), (U[1], U[0])]),
+        # both GPUs already mapped (a TP=2 swap): nothing to add
+        ([(U[0], U[1]), (U[1], U[0])], [U[0], U[1]], [(U[0], U[1]), (U[1], U[0])]),
+        # GPUs nobody moves onto stay where they are
+        ([(U[0], U[2])], U[:4], [(U[0], U[2]), (U[1], U[1]), (U[2], U[0]), (U[3], U[3])]),
+        # what the process could not see is not mapped
+        ([(U[0], U[1])], [U[0]], [(U[0], U[1])]),
+    ],
+)
+def test_complete_pairs_maps_every_visible_gpu_once(pairs, visible, expected) -> None:  # type: ignore[no-untyped-def]
+    from warmstart.gpu.gpumap import complete_pairs
+
+    out = complete_pairs(pairs, visible)
+    assert out == expected
+    assert len({a for a, _ in out}) == len({b for _, b in out}) == len(out)  # a bijection

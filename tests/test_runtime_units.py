@@ -240,3 +240,18 @@ def test_criu_log_diagnosis_skips_benign_errors_and_names_the_socket_problem() -
     assert "sockets.c:628" in (d.line or "")
     only_rlimit = log.splitlines()[0] + "\n(00.2) Error (criu/mount.c:1): mnt: No mapping for 50\n"
     assert diagnose(only_rlimit).message == "CRIU could not handle a mount of the tree"
+
+
+def test_criu_log_diagnosis_names_a_file_that_changed_size() -> None:
+    """Seen on 2 x H200: a second restore after the first one appended to the worker's log."""
+    from warmstart.host.criulog import diagnose
+
+    log = """\
+(00.039091) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted
+(00.113027)   1884: Error (criu/files-reg.c:2175): File tmp/tp-control-f3x0zady/worker.err has bad size 2231 (expect 1360)
+(00.113033)   1884: Error (criu/files.c:1221): Unable to open fd=2 id=0x21
+(00.113203) Error (criu/cr-restore.c:2320): Restoring FAILED.
+"""
+    d = diagnose(log)
+    assert d.message.startswith("a file the tree has open changed size since the checkpoint")
+    assert "worker.err" in (d.line or "")

@@ -47,13 +47,13 @@ def test_restore_with_explicit_identity_pairs(cuda_driver: Any, cuda_child: Any)
     drv, child = cuda_driver, cuda_child
     if not drv.supports_remap():
         pytest.skip("driver < 580: no GPU pairs on restore")
-    import torch
-
-    uuid = next(d.uuid for d in drv.devices() if d.index == torch.cuda.current_device())
+    # one pair per GPU the child can see: the driver refuses a partial map
+    # (CUDA_ERROR_INVALID_VALUE with one pair on a two-GPU host, 2 x H200)
+    pairs = [(d.uuid, d.uuid) for d in drv.devices()]
     before = child.ask("sum")
     drv.lock(child.pid, 10_000)
     drv.checkpoint(child.pid)
-    drv.restore(child.pid, [(uuid, uuid)])
+    drv.restore(child.pid, pairs)
     drv.unlock(child.pid)
     assert child.ask("sum") == before
 
@@ -67,7 +67,10 @@ def test_remap_to_another_gpu(cuda_driver: Any, cuda_child: Any) -> None:
     before = child.ask("sum")
     drv.lock(child.pid, 10_000)
     drv.checkpoint(child.pid)
-    drv.restore(child.pid, [(same[0].uuid, same[1].uuid)])
+    from warmstart.gpu.gpumap import complete_pairs
+
+    # the child sees every GPU: 0 -> 1 and, to keep the map whole, 1 -> 0
+    drv.restore(child.pid, complete_pairs([(same[0].uuid, same[1].uuid)], [d.uuid for d in devs]))
     drv.unlock(child.pid)
     assert child.ask("sum") == before
     assert child.ask("compute")

@@ -221,3 +221,52 @@ def resolve_gpu_map(
 def needs_remap(pairs: Iterable[tuple[str, str]]) -> bool:
     """Whether any pair moves a GPU (i.e. the driver must be told)."""
     return any(normalize_uuid(a) != normalize_uuid(b) for a, b in pairs)
+
+
+def visible_gpus(spec: str | None, inventory: GpuInventory) -> tuple[str, ...]:
+    """UUIDs of the GPUs a process's CUDA sees, from its ``CUDA_VISIBLE_DEVICES``.
+
+    Unset means every GPU; entries are indices or (prefixes of) UUIDs, and CUDA
+    stops at the first entry it cannot match, as this does.
+    """
+    devices = list(inventory.devices)
+    if spec is None:
+        return tuple(normalize_uuid(d.uuid) for d in devices)
+    seen: list[str] = []
+    for token in (t.strip() for t in spec.split(",")):
+        if token.isdigit():
+            match = next((d for d in devices if d.index == int(token)), None)
+        else:
+            want = token.lower() if token.upper().startswith("GPU-") else ""
+            match = next((d for d in devices if want and d.uuid.lower().startswith(want)), None)
+        if match is None:
+            break
+        seen.append(normalize_uuid(match.uuid))
+    return tuple(dict.fromkeys(seen))
+
+
+def complete_pairs(
+    pairs: Sequence[tuple[str, str]], visible: Sequence[str]
+) -> list[tuple[str, str]]:
+    """``pairs`` plus a pair for every GPU in ``visible`` they leave out.
+
+    The driver's restore wants every GPU the process could see mapped. The
+    ones no snapshot state lives on go to the targets still free, in order
+    (a one-GPU worker moved 0 -> 1 on a two-GPU host gets 1 -> 0 as well).
+    """
+    out = [(normalize_uuid(a), normalize_uuid(b)) for a, b in pairs]
+    sources = {a for a, _ in out}
+    targets = {b for _, b in out}
+    free_targets = [u for u in map(normalize_uuid, visible) if u not in targets]
+    for old in map(normalize_uuid, visible):
+        if old in sources:
+            continue
+        new = old if old not in targets else (free_targets.pop(0) if free_targets else None)
+        if new is None:
+            break
+        if new in free_targets:
+            free_targets.remove(new)
+        out.append((old, new))
+        sources.add(old)
+        targets.add(new)
+    return out

@@ -26,7 +26,7 @@ from typing import Protocol
 from warmstart.errors import GpuError, UsageError, WarmstartError
 from warmstart.gpu.devices import GpuInventory, GpuUsage, get_inventory, gpu_usage_by_pid
 from warmstart.gpu.driver import CudaDriver, ProcessState, normalize_uuid
-from warmstart.gpu.gpumap import needs_remap
+from warmstart.gpu.gpumap import complete_pairs, needs_remap, visible_gpus
 
 
 class CheckpointDriver(Protocol):
@@ -54,6 +54,7 @@ class ProcessGpuInfo:
     gpu_index: int | None = None
     cuda_driver_api: int | None = None
     device_memory_bytes: int = 0
+    visible_uuids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ class GpuCheckpointSession:
                         driver_version=inv.driver_version or "unknown",
                         cuda_driver_api=inv.cuda_driver_api,
                         device_memory_bytes=use.used_bytes,
+                        visible_uuids=visible_gpus(_environ(pid).get("CUDA_VISIBLE_DEVICES"), inv),
                     )
                 )
         self.processes = records
@@ -211,8 +213,13 @@ class GpuCheckpointSession:
         The driver wants the whole mapping, not just the process's own GPU: a
         rank of a tensor-parallel worker also holds (peer) state on the other
         GPUs it can see, and restoring one rank of a swapped pair with only its
-        own pair fails with CUDA_ERROR_INVALID_VALUE (measured on 2 x H200)."""
-        return list(pairs) if needs_remap(pairs) else []
+        own pair fails with CUDA_ERROR_INVALID_VALUE (measured on 2 x H200),
+        and so does a one-GPU process that can see a second GPU. So every GPU
+        the process could see is mapped (:func:`complete_pairs`)."""
+        if not needs_remap(pairs):
+            return []
+        visible = next((p.visible_uuids for p in self.processes if p.pid == pid and p.visible_uuids), ())
+        return complete_pairs(pairs, visible)
 
     def restore(self, pairs: Sequence[tuple[str, str]] = ()) -> None:
         """Restore every CHECKPOINTED process (it ends LOCKED); no rollback."""
@@ -285,3 +292,13 @@ class GpuCheckpointSession:
             else:
                 raise GpuError(f"pid {pid} is in CUDA state {state.name}; it cannot be resumed")
         return self.driver.state(pid)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    """A process's environment (empty where it cannot be read)."""
+    try:
+        raw = open(f"/proc/{pid}/environ", "rb").read()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-_ERROR = re.compile(r"^\(?[\d. ]*\)?\s*Error \((?P<where>[^)]*)\):\s*(?P<text>.*)$")
+_ERROR = re.compile(r"^\(?[\d. ]*\)?\s*(?:\d+:\s*)?Error \((?P<where>[^)]*)\):\s*(?P<text>.*)$")
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,13 @@ _RULES: tuple[_Rule, ...] = (
         r"No space left on device",
         "the snapshot store ran out of space",
         "free space in the store or choose another with --store",
+    ),
+    _rule(
+        r"File .* has bad size",
+        "a file the tree has open changed size since the checkpoint (often a log file that "
+        "an earlier restore of this snapshot appended to)",
+        "restore needs each open regular file as it was: send worker logs to a pipe or the "
+        "console, or put back the file's checkpoint-time contents",
     ),
     _rule(
         r"Operation not permitted|EPERM|Permission denied",

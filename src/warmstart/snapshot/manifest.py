@@ -67,6 +67,9 @@ class GpuProcess(_Model):
     driver_version: str
     cuda_driver_api: int | None = None
     device_memory_bytes: int = 0
+    #: Every GPU the process's CUDA could see (its CUDA_VISIBLE_DEVICES); a restore
+    #: onto other GPUs must map each of them. Empty in older snapshots.
+    visible_uuids: tuple[str, ...] = ()
 
 
 class PhaseTiming(_Model):
