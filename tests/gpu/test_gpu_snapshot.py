@@ -117,3 +117,29 @@ def test_cuda_process_restores_through_the_page_server(tmp_path: Path, codec: st
         assert verify_equal(back)
     finally:
         kill_tree(r.pid)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_one_gpu_process_restores_onto_the_other_gpu(tmp_path: Path) -> None:
+    """`--gpu-map 0=1` for a worker on GPU 0 that can see both GPUs: the driver
+    gets the whole map (1 -> 0 too) and the worker's memory lands on GPU 1."""
+    from warmstart.gpu.devices import get_inventory, gpu_usage_by_pid
+    from warmstart.gpu.driver import normalize_uuid
+    from warmstart.snapshot.restore import RestoreRequest
+
+    tree = start(tmp_path / "w", 1.0)
+    assert verify_equal(tree)
+    store = LocalStore(tmp_path / "store")
+    taken = checkpoint(tree.pid, store=store, name="moved")
+    inv = get_inventory()
+    assert len(taken.manifest.gpus[0].visible_uuids) == len(inv.devices)
+    tree.popen.wait(timeout=30)
+    r = restore("moved", store=store, request=RestoreRequest(gpu_map=("0=1",)))
+    back = Tree(tree.state, None, r.pid)
+    try:
+        back.wait_progress(60)
+        assert verify_equal(back)
+        on = {normalize_uuid(u.uuid) for u in gpu_usage_by_pid([r.pid], inv).get(r.pid, ())}
+        assert on == {normalize_uuid(next(d.uuid for d in inv.devices if d.index == 1))}
+    finally:
+        kill_tree(r.pid)
