@@ -96,12 +96,19 @@ def warm(args: argparse.Namespace, store_dir: Path) -> list[dict]:
                        options=CheckpointOptions(labels={"checkpoint_id": info.checkpoint_id or ""}))
     checkpoint_s = time.perf_counter() - t0
     p.wait(60)
+    # The restored worker appends to worker.err, and CRIU restores an open file only
+    # at its checkpoint-time size: keep that copy to put back before each restore.
+    err_at_checkpoint = (cdir / "worker.err").read_bytes()
     rows = []
     for label, gpu_map in (("same", ()), ("swapped", ("0=1", "1=0"))):
         while any(psutil.pid_exists(x) for x in pids):
             time.sleep(0.05)
         for stale in (protocol.RESTORE_COMPLETE, protocol.RESTORE_CONTEXT):
             (cdir / stale).unlink(missing_ok=True)
+        err = cdir / "worker.err"
+        if err.stat().st_size != len(err_at_checkpoint):
+            err.rename(cdir / f"worker.err.before-{label}")
+            err.write_bytes(err_at_checkpoint)
         port = free_port()
         t0 = time.perf_counter()
         restored = restore("tp2", store=store, request=RestoreRequest(
