@@ -6,13 +6,15 @@ import ctypes
 import errno
 import hashlib
 import os
+import random
 import signal
 from pathlib import Path
+from typing import ClassVar
 
 import psutil
 import pytest
-
 from _support import Tree, wait_for
+
 from warmstart.errors import CriuError
 from warmstart.host.criu import CriuVersion, DumpOptions
 from warmstart.host.process import kill_tree
@@ -28,7 +30,9 @@ MiB = 1 << 20
 
 
 class _CacheStat(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_uint64) for n in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+    _fields_ = [
+        (n, ctypes.c_uint64) for n in ("cache", "dirty", "writeback", "evicted", "recently_evicted")
+    ]
 
 
 class _Range(ctypes.Structure):
@@ -41,7 +45,9 @@ def dirty_pages(path: Path) -> int | None:
     stat = _CacheStat()
     fd = os.open(path, os.O_RDONLY)
     try:
-        rc = libc.syscall(451, fd, ctypes.byref(_Range(0, 0)), ctypes.byref(stat), 0)  # x86-64/arm64
+        rc = libc.syscall(
+            451, fd, ctypes.byref(_Range(0, 0)), ctypes.byref(stat), 0
+        )  # x86-64/arm64
     finally:
         os.close(fd)
     if rc != 0:
@@ -53,7 +59,7 @@ def dirty_pages(path: Path) -> int | None:
 class RecordingWriteback(EarlyWriteback):
     """EarlyWriteback with a small chunk that remembers what it did before it was stopped."""
 
-    made: list[RecordingWriteback] = []
+    made: ClassVar[list[RecordingWriteback]] = []
 
     def __init__(self, root: Path, **kw: object) -> None:
         super().__init__(root, chunk=4 * MiB, poll_s=0.005)
@@ -85,8 +91,7 @@ def test_writeback_follows_a_growing_file_in_whole_chunks(tmp_path: Path) -> Non
     writer = EarlyWriteback(tmp_path, chunk=16 * MiB, poll_s=0.005).start()
     try:
         with open(path, "wb") as f:
-            for i in range(64):  # four whole chunks
-                f.write(data[i * MiB : (i + 1) * MiB])
+            f.write(data[: 64 * MiB])  # four whole chunks
             f.flush()
             wait_for(lambda: writer.started_bytes == 64 * MiB, what="four chunks started")
             f.write(data[64 * MiB :])  # 10 MiB: not a whole chunk
@@ -155,7 +160,10 @@ def test_checkpoint_with_early_writeback_restores_identical_state(
 
 @pytest.mark.criu
 def test_durability_none_is_recorded_and_never_fsyncs(
-    tree_factory, store_dir: Path, recording: type[RecordingWriteback], monkeypatch: pytest.MonkeyPatch
+    tree_factory,
+    store_dir: Path,
+    recording: type[RecordingWriteback],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def no_fsync(*_a: object) -> None:
         raise AssertionError("durability none must not fsync")
@@ -165,7 +173,10 @@ def test_durability_none_is_recorded_and_never_fsyncs(
     tree = tree_factory()
     store = LocalStore(store_dir)
     result = checkpoint(
-        tree.pid, store=store, name="fast", options=CheckpointOptions(durable=False, leave_running=True)
+        tree.pid,
+        store=store,
+        name="fast",
+        options=CheckpointOptions(durable=False, leave_running=True),
     )
     assert result.manifest.durability == "none"
     assert CheckpointOptions(durable=False).durability == "none"
@@ -188,13 +199,14 @@ class FailingCriu:
     def __init__(self, writer_seen: type[RecordingWriteback]) -> None:
         self.writer_seen = writer_seen
 
-    def dump(self, pid: int, images: Path, options: DumpOptions, *, log: Path, on_start=None) -> None:
+    def dump(
+        self, pid: int, images: Path, options: DumpOptions, *, log: Path, on_start=None
+    ) -> None:
         for p in [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]:
             os.kill(p, signal.SIGSTOP)  # as criu dump --leave-stopped does
         chunk = os.urandom(MiB)
         with open(images / "pages-1.img", "wb") as f:
-            for _ in range(24):
-                f.write(chunk)
+            f.write(chunk * 24)
             f.flush()
             (writer,) = self.writer_seen.made
             wait_for(lambda: writer.started_bytes > 0, what="early write-back during the dump")
@@ -221,3 +233,30 @@ def test_failed_dump_with_writer_running_publishes_nothing_and_resumes_the_tree(
     wait_for(lambda: psutil.Process(tree.pid).status() in running, 10, what="tree resumed")
     tree.wait_progress()
 
+
+# -- the digester that runs beside the writer ---------------------------------------
+
+
+def test_following_digester_hashes_a_file_growing_in_odd_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from warmstart.store import integrity
+
+    monkeypatch.setattr(integrity, "_WINDOW", 1 * MiB)  # many windows, unaligned starts
+    pages = tmp_path / "pages-1.img"
+    digester = integrity.FollowingDigester(tmp_path).start()
+    rnd = random.Random(7)
+    written = 0
+    with open(pages, "wb", buffering=0) as f:
+        while written < 5 * MiB:
+            piece = os.urandom(rnd.randint(1, 300_000))
+            f.write(piece)
+            written += len(piece)
+            if rnd.random() < 0.3:
+                wait_for(lambda: digester._state.get(pages) is not None, what="digester follows")
+    (tmp_path / "core-1.img").write_bytes(b"core" * 999)
+    result = digester.finish()
+    assert (
+        result["pages-1.img"] == integrity.digest_file(pages) == (written, result["pages-1.img"][1])
+    )
+    assert result["core-1.img"] == integrity.digest_file(tmp_path / "core-1.img")

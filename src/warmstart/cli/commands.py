@@ -89,7 +89,7 @@ def checkpoint(
         float, typer.Option("--gpu-lock-timeout", help="Seconds to wait for GPU work to drain.")
     ] = 30.0,
     durability: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--durability",
             help="fsync (default): the snapshot is on disk before it is published. "

@@ -9,6 +9,7 @@ into stopped tasks, which are only let run once every file checked out.
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from collections.abc import Iterable
@@ -23,6 +24,8 @@ from warmstart.store.writeback import start_writeback
 
 ALGORITHM = "xxh3-128"
 _CHUNK = 8 << 20
+#: Window of a growing file mapped at a time by FollowingDigester.
+_WINDOW = 64 << 20
 
 
 def _hasher() -> xxhash.xxh3_128:
@@ -61,6 +64,12 @@ class FollowingDigester:
     hashed as they grow (CRIU writes ``pages-*.img`` strictly by appending);
     everything else is hashed whole at the end. Starting their write-back to
     disk is another job (:class:`warmstart.store.writeback.EarlyWriteback`).
+
+    The growing files are hashed straight from the page cache through a
+    read-only mapping (no copy into a buffer: half the CPU of ``read``, which
+    matters on a machine whose cores CRIU and the kernel's write-back also
+    want). Only files that nobody truncates may be followed: CRIU never
+    truncates a page image, and the directory is our own staging directory.
     """
 
     def __init__(self, root: Path, *, follow: str = "pages-*.img") -> None:
@@ -69,7 +78,6 @@ class FollowingDigester:
         self._state: dict[Path, _Follow] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="digest-follow", daemon=True)
-        self._buf = bytearray(_CHUNK)
 
     def start(self) -> FollowingDigester:
         self._thread.start()
@@ -77,14 +85,20 @@ class FollowingDigester:
 
     def _advance(self, path: Path) -> int:
         st = self._state.setdefault(path, _Follow(_hasher()))
-        view = memoryview(self._buf)
         moved = 0
         with open(path, "rb", buffering=0) as f:
-            f.seek(st.offset)
-            while n := f.readinto(self._buf):
-                st.hasher.update(view[:n])
-                st.offset += n
-                moved += n
+            size = os.fstat(f.fileno()).st_size
+            while st.offset < size:
+                base = st.offset - st.offset % mmap.ALLOCATIONGRANULARITY
+                length = min(size - base, _WINDOW)
+                with (
+                    mmap.mmap(f.fileno(), length, prot=mmap.PROT_READ, offset=base) as window,
+                    memoryview(window) as view,
+                    view[st.offset - base :] as fresh,
+                ):
+                    st.hasher.update(fresh)
+                moved += base + length - st.offset
+                st.offset = base + length
         return moved
 
     def _loop(self) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 SYNC_FILE_RANGE_WRITE = 2
 DEFAULT_CHUNK = 64 << 20
@@ -75,9 +76,7 @@ class EarlyWriteback:
     fsync right after waits for as little as possible.
     """
 
-    def __init__(
-        self, root: Path, *, chunk: int = DEFAULT_CHUNK, poll_s: float = 0.02
-    ) -> None:
+    def __init__(self, root: Path, *, chunk: int = DEFAULT_CHUNK, poll_s: float = 0.02) -> None:
         if chunk <= 0 or chunk % 4096:
             raise ValueError("chunk must be a positive multiple of 4096")
         self.root = Path(root)
@@ -92,7 +91,7 @@ class EarlyWriteback:
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="early-writeback", daemon=True)
 
-    def __enter__(self) -> EarlyWriteback:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -103,7 +102,7 @@ class EarlyWriteback:
     ) -> None:
         self.stop(tail=exc_type is None)
 
-    def start(self) -> EarlyWriteback:
+    def start(self) -> Self:
         self._thread.start()
         return self
 
