@@ -14,7 +14,7 @@ It prints the medians, the median of the per-round ratios with their range
 (1.05 = 5 % overhead), warmstart's phase timings, and how much of the page
 cache was still dirty when each checkpoint returned. Run as root:
 
-    python bench/cr_throughput.py --gib 1 4 8 [--rounds 3] [--no-early-writeback] [--json]
+    python bench/cr_throughput.py --gib 1 4 8 [--rounds 3] [--no-early-writeback] [--json] [--save F]
 """
 
 from __future__ import annotations
@@ -196,8 +196,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-early-writeback", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--save", type=Path, help="Also write the raw per-round results here (JSON).")
     args = ap.parse_args()
     rows = [run_size(gib, args.rounds, not args.no_early_writeback) for gib in args.gib]
+    if args.save:
+        args.save.write_text(json.dumps(rows, indent=2))
     if args.json:
         print(json.dumps(rows, indent=2))
         return

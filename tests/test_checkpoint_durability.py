@@ -5,15 +5,17 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import json
 import os
 import random
 import signal
+import subprocess
 from pathlib import Path
 from typing import ClassVar
 
 import psutil
 import pytest
-from _support import Tree, wait_for
+from _support import Tree, wait_for, warmstart_cmd
 
 from warmstart.errors import CriuError
 from warmstart.host.criu import CriuVersion, DumpOptions
@@ -260,3 +262,49 @@ def test_following_digester_hashes_a_file_growing_in_odd_pieces(
         result["pages-1.img"] == integrity.digest_file(pages) == (written, result["pages-1.img"][1])
     )
     assert result["core-1.img"] == integrity.digest_file(tmp_path / "core-1.img")
+
+
+# -- the command line -------------------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*warmstart_cmd(), "checkpoint", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_cli_rejects_an_unknown_durability_in_one_line(store_dir: Path) -> None:
+    proc = _cli("--pid", "4999999", "--durability", "sometimes", "--store", str(store_dir))
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "unknown durability 'sometimes'" in lines[0], proc.stderr
+
+
+@pytest.mark.criu
+def test_cli_durability_none_is_reported_and_recorded(tree_factory, store_dir: Path) -> None:
+    tree = tree_factory()
+    proc = _cli(
+        "--pid", str(tree.pid), "--name", "quick", "--durability", "none", "--leave-running",
+        "--store", str(store_dir), "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["durability"] == "none"
+    assert LocalStore(store_dir).manifest("quick").durability == "none"
+    proc = _cli(
+        "--pid",
+        str(tree.pid),
+        "--name",
+        "safe",
+        "--leave-running",
+        "--store",
+        str(store_dir),
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["durability"] == "fsync"
+    tree.wait_progress()
