@@ -8,13 +8,15 @@ memory for each of these, in an order that rotates from round to round:
   warmstart's default), then ``criu restore -d`` (timed);
 * **ws**: warmstart's checkpoint with the default durability (``fsync``, early
   write-back on) and its restore (checksums verified, page server as default);
-* **ws-none**: warmstart's checkpoint with ``--durability none`` (no restore).
+* **ws-none**: warmstart's checkpoint with ``--durability none`` (no restore);
+* with ``--compare-early-writeback``, **ws-late**: the default durability with
+  the early write-back off (the fsync at publish writes everything; no restore).
 
 It prints the medians, the median of the per-round ratios with their range
 (1.05 = 5 % overhead), warmstart's phase timings, and how much of the page
 cache was still dirty when each checkpoint returned. Run as root:
 
-    python bench/cr_throughput.py --gib 1 4 8 [--rounds 3] [--no-early-writeback] [--json] [--save F]
+    python bench/cr_throughput.py --gib 1 4 8 [--rounds 3] [--compare-early-writeback] [--json] [--save F]
 """
 
 from __future__ import annotations
@@ -146,16 +148,18 @@ def ours(gib: float, work: Path, durable: bool, early: bool, do_restore: bool) -
     return out
 
 
-def run_size(gib: float, rounds: int, early: bool) -> dict[str, object]:
+def run_size(gib: float, rounds: int, early: bool, compare: bool) -> dict[str, object]:
     runs: dict[str, list[dict[str, float]]] = defaultdict(list)
-    kinds = ["bare", "ws", "ws-none"]
+    kinds = ["bare", "ws", "ws-none"] + (["ws-late"] if compare else [])
     for i in range(rounds):
-        for kind in kinds[i % 3 :] + kinds[: i % 3]:
+        k = i % len(kinds)
+        for kind in kinds[k:] + kinds[:k]:
             with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
                 if kind == "bare":
                     runs[kind].append(bare(gib, Path(d)))
                 else:
-                    runs[kind].append(ours(gib, Path(d), kind == "ws", early, kind == "ws"))
+                    durable, on = kind != "ws-none", early and kind == "ws"
+                    runs[kind].append(ours(gib, Path(d), durable, on, kind == "ws"))
     b, w, n = runs["bare"], runs["ws"], runs["ws-none"]
 
     def ratio(xs: list[dict[str, float]], xk: str, ys: list[dict[str, float]], yk: str) -> list[float]:
@@ -180,13 +184,22 @@ def run_size(gib: float, rounds: int, early: bool) -> dict[str, object]:
             "ws_vs_bare_fsync": ratio(w, "ckpt", b, "ckpt+fsync"),
             "ws_none_vs_bare": ratio(n, "ckpt", b, "ckpt"),
             "restore_ws_vs_bare": ratio(w, "restore", b, "restore"),
-        },
+        }
+        | (
+            {
+                "ws_late_vs_bare_fsync": ratio(runs["ws-late"], "ckpt", b, "ckpt+fsync"),
+                "ws_vs_ws_late": ratio(w, "ckpt", runs["ws-late"], "ckpt"),
+            }
+            if compare
+            else {}
+        ),
         "ws_phases_median_s": {ph: med(r.get(ph, 0.0) for r in w) for ph in PHASES},
         "dirty_mib_at_return_median": {
             "bare": med(r["dirty_mib"] for r in b),
             "ws": med(r["dirty_mib"] for r in w),
             "ws-none": med(r["dirty_mib"] for r in n),
         },
+        "ws_late_publish_median_s": med(r["publish"] for r in runs["ws-late"]) if compare else None,
     }
 
 
@@ -195,10 +208,14 @@ def main() -> None:
     ap.add_argument("--gib", type=float, nargs="+", default=[1, 4, 8])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-early-writeback", action="store_true")
+    ap.add_argument("--compare-early-writeback", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--save", type=Path, help="Also write the raw per-round results here (JSON).")
     args = ap.parse_args()
-    rows = [run_size(gib, args.rounds, not args.no_early_writeback) for gib in args.gib]
+    rows = [
+        run_size(gib, args.rounds, not args.no_early_writeback, args.compare_early_writeback)
+        for gib in args.gib
+    ]
     if args.save:
         args.save.write_text(json.dumps(rows, indent=2))
     if args.json:
@@ -224,6 +241,11 @@ def main() -> None:
               + ", ".join(f"{k} {v:.3f}" for k, v in r["ws_phases_median_s"].items())
               + "; dirty MiB when the checkpoint returned: "
               + ", ".join(f"{k} {v:g}" for k, v in r["dirty_mib_at_return_median"].items()))  # fmt: skip
+        q = r["ratios"]
+        if args.compare_early_writeback and isinstance(q, dict):
+            print(f"  early write-back off: publish {r['ws_late_publish_median_s']:.3f} s, "
+                  f"ws-late/bare+fsync {med(q['ws_late_vs_bare_fsync']):.2f}, ws/ws-late "
+                  f"{med(q['ws_vs_ws_late']):.2f} [{min(q['ws_vs_ws_late']):.2f}-{max(q['ws_vs_ws_late']):.2f}]")  # fmt: skip
 
 
 if __name__ == "__main__":
