@@ -97,12 +97,13 @@ def test_writeback_follows_a_growing_file_in_whole_chunks(tmp_path: Path) -> Non
             f.flush()
             wait_for(lambda: writer.started_bytes == 64 * MiB, what="four chunks started")
             f.write(data[64 * MiB :])  # 10 MiB: not a whole chunk
-        (tmp_path / "small.img").write_bytes(b"x" * 100)
+        (tmp_path / "pages-2.img").write_bytes(b"x" * 100)
+        (tmp_path / "core-1.img").write_bytes(b"y" * (20 * MiB))  # not a page image: not followed
         assert writer.started_bytes % (16 * MiB) == 0
     finally:
         writer.stop(tail=True)
     assert writer.disabled is None
-    # the tails of both files were started at stop(tail=True)
+    # the tails of both page images were started at stop(tail=True)
     assert writer.started_bytes == 74 * MiB + 100
     assert path.read_bytes() == data
     dirty = dirty_pages(path)

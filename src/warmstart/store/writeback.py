@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fnmatch
 import functools
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,8 @@ from typing import Self
 
 SYNC_FILE_RANGE_WRITE = 2
 DEFAULT_CHUNK = 64 << 20
+#: How often the directory is listed for new files (growing ones are polled every ``poll_s``).
+_RESCAN_S = 0.1
 
 
 @functools.cache
@@ -71,15 +75,25 @@ class EarlyWriteback:
     """Start write-back of the files of ``root`` in ``chunk``-sized steps while they grow.
 
     Use as a context manager around the writer (CRIU), or :meth:`start` and
-    :meth:`stop`. Only whole chunks are started while the writer runs;
-    ``stop(tail=True)`` then starts the rest of every followed file, so an
-    fsync right after waits for as little as possible.
+    :meth:`stop`. Only files whose name matches ``follow`` (CRIU's page
+    images: the bulk of a snapshot) are followed, and only whole chunks are
+    started while the writer runs; ``stop(tail=True)`` then starts the rest of
+    every followed file, so an fsync right after waits for as little as
+    possible. The small files are left to that fsync.
     """
 
-    def __init__(self, root: Path, *, chunk: int = DEFAULT_CHUNK, poll_s: float = 0.02) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        follow: str = "pages-*.img",
+        chunk: int = DEFAULT_CHUNK,
+        poll_s: float = 0.02,
+    ) -> None:
         if chunk <= 0 or chunk % 4096:
             raise ValueError("chunk must be a positive multiple of 4096")
         self.root = Path(root)
+        self.follow = follow
         self.chunk = chunk
         self.poll_s = poll_s
         #: Bytes whose write-back this writer started, over all files.
@@ -87,6 +101,7 @@ class EarlyWriteback:
         #: Why it gave up early (sync_file_range unavailable, an I/O error), or None.
         self.disabled: str | None = None
         self._files: dict[str, _Followed] = {}
+        self._scanned = 0.0
         self._stop = threading.Event()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="early-writeback", daemon=True)
@@ -138,13 +153,18 @@ class EarlyWriteback:
             if self.disabled is not None:
                 return
 
-    def _scan(self) -> None:
+    def _scan(self, *, now: bool) -> None:
+        if not now and time.monotonic() - self._scanned < _RESCAN_S:
+            return
+        self._scanned = time.monotonic()
         try:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
             return
         for entry in entries:
-            if entry.name in self._files or not entry.is_file(follow_symlinks=False):
+            if entry.name in self._files or not fnmatch.fnmatchcase(entry.name, self.follow):
+                continue
+            if not entry.is_file(follow_symlinks=False):
                 continue
             try:
                 fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -153,7 +173,7 @@ class EarlyWriteback:
             self._files[entry.name] = _Followed(fd)
 
     def _step(self, *, final: bool) -> None:
-        self._scan()
+        self._scan(now=final)
         for f in self._files.values():
             size = os.fstat(f.fd).st_size
             end = size if final else size - size % self.chunk
