@@ -49,7 +49,16 @@ open(sys.argv[2], "w").write("ready")
 while True:
     time.sleep(0.05)
 """
-PHASES = ("preflight", "dump", "checksum", "publish", "stop-original")
+PHASES = (
+    "preflight",
+    "dump",
+    "  freeze",
+    "  memdump",
+    "  memwrite",
+    "checksum",
+    "publish",
+    "stop-original",
+)
 
 
 def start(gib: float, work: Path) -> subprocess.Popen[bytes]:
@@ -124,7 +133,13 @@ def bare(gib: float, work: Path) -> dict[str, float]:
     kill_tree(p.pid)
     wait_gone(p.pid)
     shutil.rmtree(images)
-    return {"ckpt": t1 - t0, "fsync": t2 - t1, "ckpt+fsync": t2 - t0, "restore": t4 - t3, "dirty_mib": dirty}
+    return {
+        "ckpt": t1 - t0,
+        "fsync": t2 - t1,
+        "ckpt+fsync": t2 - t0,
+        "restore": t4 - t3,
+        "dirty_mib": dirty,
+    }
 
 
 def ours(gib: float, work: Path, durable: bool, early: bool, do_restore: bool) -> dict[str, float]:
@@ -162,7 +177,9 @@ def run_size(gib: float, rounds: int, early: bool, compare: bool) -> dict[str, o
                     runs[kind].append(ours(gib, Path(d), durable, on, kind == "ws"))
     b, w, n = runs["bare"], runs["ws"], runs["ws-none"]
 
-    def ratio(xs: list[dict[str, float]], xk: str, ys: list[dict[str, float]], yk: str) -> list[float]:
+    def ratio(
+        xs: list[dict[str, float]], xk: str, ys: list[dict[str, float]], yk: str
+    ) -> list[float]:
         return [x[xk] / y[yk] for x, y in zip(xs, ys, strict=True)]
 
     med = statistics.median
@@ -238,7 +255,7 @@ def main() -> None:
     print()
     for r in rows:
         print(f"{r['gib']:g} GiB ({int(r['bytes']) / 1e9:.2f} GB): ws phases (median s) "
-              + ", ".join(f"{k} {v:.3f}" for k, v in r["ws_phases_median_s"].items())
+              + ", ".join(f"{k.strip()} {v:.3f}" for k, v in r["ws_phases_median_s"].items())
               + "; dirty MiB when the checkpoint returned: "
               + ", ".join(f"{k} {v:g}" for k, v in r["dirty_mib_at_return_median"].items()))  # fmt: skip
         q = r["ratios"]

@@ -424,6 +424,8 @@ def inspect(
         f"({m.source.arch}, kernel {m.source.kernel}, CRIU {m.source.criu_version})"
     )
     console.print(f"CPU {m.source.cpu_model}; {human_bytes(m.total_bytes)} in {len(m.files)} files")
+    if m.durability == "none":
+        console.print("durability none: published without fsync (a power loss since could have damaged it)")
     procs = Table(title="processes", title_justify="left")
     for col in ("pid", "ppid", "name", "threads", "rss"):
         procs.add_column(col)
