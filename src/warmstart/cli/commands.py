@@ -46,6 +46,18 @@ def parse_pairs(items: list[str]) -> dict[str, str]:
     return env
 
 
+def check_durability(durability: str | None, no_fsync: bool) -> str:
+    from warmstart.snapshot.manifest import DURABILITY_MODES
+
+    if durability is not None and durability not in DURABILITY_MODES:
+        raise UsageError(
+            f"unknown durability {durability!r}", hint="use --durability fsync or --durability none"
+        )
+    if no_fsync and durability == "fsync":
+        raise UsageError("--no-fsync contradicts --durability fsync", hint="pass only one of them")
+    return "none" if no_fsync else durability or "fsync"
+
+
 @app.command()
 def checkpoint(
     pid: Annotated[
@@ -76,8 +88,17 @@ def checkpoint(
     gpu_lock_timeout: Annotated[
         float, typer.Option("--gpu-lock-timeout", help="Seconds to wait for GPU work to drain.")
     ] = 30.0,
+    durability: Annotated[
+        str | None,
+        typer.Option(
+            "--durability",
+            help="fsync (default): the snapshot is on disk before it is published. "
+            "none: published atomically without fsync (faster; a power loss can lose it).",
+            show_default=False,
+        ),
+    ] = None,
     no_fsync: Annotated[
-        bool, typer.Option("--no-fsync", help="Publish without fsync (faster, not crash-safe).")
+        bool, typer.Option("--no-fsync", help="Same as --durability none.", hidden=True)
     ] = False,
     label: Annotated[
         list[str], typer.Option("--label", help="KEY=VALUE recorded in the manifest.")
@@ -116,6 +137,7 @@ def checkpoint(
     if (pid is None) == (container is None):
         raise UsageError("give one of --pid and --container",
                          hint="--pid PID for a process tree, --container ID (with --agent) for a container")
+    mode = check_durability(durability, no_fsync)
     socket = via_agent.agent_socket(agent)
     if socket is not None:
         if sign is not None:
@@ -130,7 +152,7 @@ def checkpoint(
         if pid is not None:
             body.update(tcp_established=tcp_established, tcp_close=tcp_close, shell_job=shell_job,
                         ext_unix_sk=ext_unix_sk, ghost_limit_mib=ghost_limit_mib,
-                        gpu_lock_timeout_s=gpu_lock_timeout, durable=not no_fsync,
+                        gpu_lock_timeout_s=gpu_lock_timeout, durable=mode == "fsync",
                         compress=check_codec(compress) or "none")
         via_agent.checkpoint(socket, body, json_out=json_out)
         return
@@ -154,7 +176,7 @@ def checkpoint(
             ghost_limit=ghost_limit_mib << 20,
         ),
         gpu_lock_timeout_s=gpu_lock_timeout,
-        durable=not no_fsync,
+        durable=mode == "fsync",
         labels=parse_pairs(label),
         compress=check_codec(compress),
         allow_bound_ip=allow_bound_ip,
@@ -171,6 +193,7 @@ def checkpoint(
                 "snapshot_id": m.snapshot_id,
                 "path": str(result.path),
                 "bytes": m.total_bytes,
+                "durability": m.durability,
                 "gpus": m.gpus,
                 "timings": result.timer.phases,
                 "total_seconds": result.timer.total,
@@ -401,6 +424,8 @@ def inspect(
         f"({m.source.arch}, kernel {m.source.kernel}, CRIU {m.source.criu_version})"
     )
     console.print(f"CPU {m.source.cpu_model}; {human_bytes(m.total_bytes)} in {len(m.files)} files")
+    if m.durability == "none":
+        console.print("durability none: published without fsync (a power loss since could have damaged it)")
     procs = Table(title="processes", title_justify="left")
     for col in ("pid", "ppid", "name", "threads", "rss"):
         procs.add_column(col)

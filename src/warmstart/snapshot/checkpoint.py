@@ -7,10 +7,12 @@ Order of events, and what a failure at each step leaves behind:
 3. lock and checkpoint the GPU state of every CUDA process: on failure every
    process is restored and unlocked;
 4. ``criu dump --leave-stopped`` while page images are hashed as they are
-   written: on failure the tree gets SIGCONT, its GPU state is restored and
-   unlocked, the staging directory removed;
+   written (and, for a durable snapshot, their write-back to disk started
+   chunk by chunk): on failure the tree gets SIGCONT, its GPU state is
+   restored and unlocked, the staging directory removed;
 5. with ``leave_running``, the tree gets SIGCONT and its GPU state back now;
-6. manifest written last, fsync, atomic rename: the snapshot becomes visible;
+6. manifest written last, fsync (durability ``fsync``, the default), atomic
+   rename: the snapshot becomes visible, never half of it;
 7. only then, without ``leave_running``, the (still stopped) tree is killed:
    it never runs past the moment it was snapshotted.
 
@@ -27,6 +29,7 @@ import os
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ from warmstart.snapshot import gpu_state, hostinfo
 from warmstart.snapshot.guard import Guard
 from warmstart.snapshot.manifest import (
     IMAGES_DIR,
+    Durability,
     FileEntry,
     Manifest,
     ProcessInfo,
@@ -51,6 +55,7 @@ from warmstart.snapshot.timing import PhaseListener, Timer
 from warmstart.store.compress import compress_file
 from warmstart.store.integrity import FollowingDigester
 from warmstart.store.local import LocalStore, Staging
+from warmstart.store.writeback import EarlyWriteback
 
 
 @dataclass(frozen=True)
@@ -59,13 +64,21 @@ class CheckpointOptions:
     dump: DumpOptions = field(default_factory=DumpOptions)
     #: How long to wait for the CUDA driver to lock a process (in-flight work).
     gpu_lock_timeout_s: float = 30.0
-    #: fsync the snapshot before publishing it.
+    #: fsync the snapshot before publishing it (durability ``fsync``). False
+    #: (``none``) still publishes atomically, but a power loss can lose it.
     durable: bool = True
+    #: With ``durable``: start the write-back of page images while CRIU writes
+    #: them, so the fsync at publish only waits for the tail.
+    early_writeback: bool = True
     labels: dict[str, str] = field(default_factory=dict)
     #: Compress the page images (``zstd`` or ``lz4``; None keeps CRIU's raw files).
     compress: str | None = None
     #: Checkpoint sockets bound to a specific non-loopback address (the pod IP) anyway.
     allow_bound_ip: bool = False
+
+    @property
+    def durability(self) -> Durability:
+        return "fsync" if self.durable else "none"
 
 
 @dataclass(frozen=True)
@@ -176,6 +189,13 @@ def _compress_pages(
     return raw, out
 
 
+def _early_writeback(images: Path, options: CheckpointOptions) -> AbstractContextManager[object]:
+    # Raw page images that --compress replaces are not worth writing back.
+    if options.durable and options.early_writeback and not options.compress:
+        return EarlyWriteback(images)
+    return nullcontext()
+
+
 def checkpoint(
     pid: int,
     *,
@@ -212,7 +232,7 @@ def checkpoint(
                 gpu.checkpoint()
             timer.set_bytes("gpu-checkpoint", gpu.device_bytes)
         digester = FollowingDigester(staging.images).start()
-        with timer.phase("dump"):
+        with _early_writeback(staging.images, options), timer.phase("dump"):
             criu.dump(
                 pid, staging.images, options.dump, log=staging.logs / "dump.log",
                 on_start=guard.criu_started,
@@ -251,6 +271,7 @@ def checkpoint(
             criu_options=options.dump.as_record(),
             labels=options.labels,
             compression=options.compress,
+            durability=options.durability,
             **extra,
         )
         with timer.phase("publish"):

@@ -20,6 +20,12 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 IMAGES_DIR = "images"
 
+#: How a snapshot was made durable before it was published: ``fsync`` (on disk
+#: first; survives a power loss) or ``none`` (left to the kernel's write-back:
+#: atomic, but a power loss soon after can lose or damage it).
+Durability = Literal["fsync", "none"]
+DURABILITY_MODES: tuple[Durability, ...] = ("fsync", "none")
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -122,6 +128,8 @@ class Manifest(_Model):
     container: ContainerInfo | None = None
     #: Codec of the page images (``pages-*.img.<codec>``, warmstart.store.compress); None: raw.
     compression: Literal["zstd", "lz4"] | None = None
+    #: See :data:`Durability`; None in manifests written before it was recorded.
+    durability: Durability | None = None
 
     @property
     def total_bytes(self) -> int:
