@@ -309,3 +309,32 @@ def test_cli_durability_none_is_reported_and_recorded(tree_factory, store_dir: P
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["durability"] == "fsync"
     tree.wait_progress()
+
+
+def test_piece_digests_cover_every_byte_and_catch_one_flipped_byte(tmp_path: Path) -> None:
+    """Pages images get one digest per PIECE_SIZE piece; verify checks them in parallel."""
+    import os
+
+    from warmstart.errors import SnapshotCorrupt
+    from warmstart.store.integrity import PIECE_SIZE, Expected, FollowingDigester, digest_file, verify_files
+
+    root = tmp_path / "img"
+    root.mkdir()
+    data = os.urandom(1 << 20) * (2 * PIECE_SIZE // (1 << 20)) + b"tail" * 1000
+    digester = FollowingDigester(root).start()
+    with open(root / "pages-1.img", "wb") as f:
+        for pos in range(0, len(data), 7 << 20):  # grows in pieces that straddle the boundaries
+            f.write(data[pos : pos + (7 << 20)])
+            f.flush()
+    digests = digester.finish()
+    pieces = digester.pieces()["pages-1.img"]
+    assert len(pieces) == 3
+    size, whole = digests["pages-1.img"]
+    assert (size, whole) == digest_file(root / "pages-1.img")
+    expected = [Expected("pages-1.img", size, whole, tuple(pieces))]
+    assert verify_files(root, expected) == size
+    with open(root / "pages-1.img", "r+b") as f:
+        f.seek(PIECE_SIZE + 12345)
+        f.write(b"\0" if data[PIECE_SIZE + 12345] else b"\1")
+    with pytest.raises(SnapshotCorrupt, match="fails its checksum"):
+        verify_files(root, expected)

@@ -53,7 +53,7 @@ from warmstart.snapshot.manifest import (
 )
 from warmstart.snapshot.timing import PhaseListener, Timer
 from warmstart.store.compress import compress_file
-from warmstart.store.integrity import FollowingDigester
+from warmstart.store.integrity import PIECE_SIZE, FollowingDigester
 from warmstart.store.local import LocalStore, Staging
 from warmstart.store.writeback import EarlyWriteback
 
@@ -249,6 +249,7 @@ def checkpoint(
                     gpu.resume()
         with timer.phase("checksum"):
             digests = digester.finish()
+            pieces = digester.pieces()
         if options.compress:
             with timer.phase("compress"):
                 raw, digests = _compress_pages(staging.images, options.compress, digests)
@@ -262,7 +263,10 @@ def checkpoint(
             source=hostinfo.current(str(criu.version)),
             tree=tree,
             files=[
-                FileEntry(path=f"{IMAGES_DIR}/{rel}", size=size, digest=digest)
+                FileEntry(
+                    path=f"{IMAGES_DIR}/{rel}", size=size, digest=digest,
+                    pieces=pieces.get(rel, []), piece_size=PIECE_SIZE if rel in pieces else None,
+                )  # fmt: skip
                 for rel, (size, digest) in sorted(digests.items())
             ]
             + list(extra.pop("files", [])),

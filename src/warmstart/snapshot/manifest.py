@@ -61,6 +61,10 @@ class FileEntry(_Model):
     size: int
     #: ``<algorithm>:<hex digest>``; xxh3-128 by default.
     digest: str
+    #: Digests of consecutive ``piece_size`` pieces (large page images), checked
+    #: in parallel on restore. Empty for small files and older snapshots.
+    pieces: list[str] = []
+    piece_size: int | None = None
 
 
 class GpuProcess(_Model):

@@ -34,7 +34,7 @@ from warmstart.snapshot.manifest import IMAGES_DIR, Manifest
 from warmstart.snapshot.timing import PhaseListener, Timer
 from warmstart.snapshot.unpack import unpack_view
 from warmstart.store.compress import open_pages
-from warmstart.store.integrity import Expected, verify_files
+from warmstart.store.integrity import PIECE_SIZE, Expected, verify_files
 from warmstart.store.local import LocalStore
 
 
@@ -179,7 +179,10 @@ def restore(
         lazy_pages=parallel,
         work_dir=run_dir if parallel else None,
     )
-    expected = [Expected(f.path, f.size, f.digest) for f in manifest.files]
+    expected = [
+        Expected(f.path, f.size, f.digest, tuple(f.pieces) if f.piece_size == PIECE_SIZE else ())
+        for f in manifest.files
+    ]
     root_pid: int | None = None
     images = path / IMAGES_DIR
     criu_images = images
