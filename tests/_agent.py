@@ -28,7 +28,7 @@ class Agent:
 
     def start(self, runtime: str = "runc", **extra_env: str) -> None:
         self.socket.unlink(missing_ok=True)
-        env = dict(os.environ, PYTHONPATH=str(SRC), **extra_env)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])), **extra_env)
         with socket_port() as port:
             self.metrics_port = port
         self.proc = subprocess.Popen(

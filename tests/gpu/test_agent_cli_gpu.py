@@ -30,7 +30,7 @@ pytestmark = [
 def cli(*args: str) -> dict:
     proc = subprocess.run([sys.executable, "-m", "warmstart", *args, "--json"], capture_output=True,
                           text=True, timeout=900, check=False,
-                          env={**os.environ, "PYTHONPATH": str(SRC)})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))})
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
