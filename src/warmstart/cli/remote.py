@@ -196,22 +196,27 @@ def do_pull(
         )  # fmt: skip
 
 
+def _already_local(local: LocalStore, name: str, snapshot_id: str) -> bool:
+    """Whether ``local`` holds this very snapshot; a different one by that name is refused."""
+    try:
+        existing = local.manifest(name)
+    except NotFoundError:
+        return False
+    if existing.snapshot_id == snapshot_id:
+        return True
+    raise UsageError(
+        f"a different snapshot {name!r} already exists in {local.root}",
+        hint="remove it with `warmstart rm`, or pull under another name with `warmstart pull --as`",
+    )
+
+
 def pull_for_restore(snapshot_url: str, local: LocalStore, *, show: bool) -> str:
     """``restore URL``: check trust, pull into ``local`` unless the same snapshot is there; return its name."""
     url, name = split_snapshot_url(snapshot_url)
     remote = _remote(url)
     index, _decision = remote.open_index(name, _trust([], False))  # the trust check comes first
-    try:
-        existing = local.manifest(name)
-    except NotFoundError:
-        existing = None
-    if existing is not None:
-        if existing.snapshot_id == index.snapshot_id:
-            return name
-        raise UsageError(
-            f"a different snapshot {name!r} already exists in {local.root}",
-            hint="remove it with `warmstart rm`, or pull under another name with `warmstart pull --as`",
-        )
+    if _already_local(local, name, index.snapshot_id):
+        return name
     result = do_pull(url, name, local, show=show)
     if show:
         err_console.print(
@@ -235,17 +240,8 @@ def stream_for_restore(
     remote = _remote(url)
     trust = _trust([], False)
     index, _decision = remote.open_index(name, trust)  # refuses before anything is fetched
-    try:
-        existing = local.manifest(name)
-    except NotFoundError:
-        existing = None
-    if existing is not None:
-        if existing.snapshot_id == index.snapshot_id:
-            return None
-        raise UsageError(
-            f"a different snapshot {name!r} already exists in {local.root}",
-            hint="remove it with `warmstart rm`, or pull under another name with `warmstart pull --as`",
-        )
+    if _already_local(local, name, index.snapshot_id):
+        return None
     from warmstart.snapshot.streaming import restore_streaming
 
     return restore_streaming(

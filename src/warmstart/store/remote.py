@@ -75,6 +75,36 @@ def index_key(name: str) -> str:
     return f"snapshots/{name}.json"
 
 
+def create_sized(root: Path, rel: str, size: int, mode: int) -> int:
+    """Create ``root/rel`` (owner-only) at its final ``size``; return its descriptor."""
+    fd = _create(root, rel)
+    try:
+        os.fchmod(fd, mode & 0o700)
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        os.close(fd)
+        raise StoreError(f"cannot write {root / rel}: {exc.strerror}") from None
+    return fd
+
+
+def check_pulled_manifest(name: str, manifest: Manifest | None, index: SnapshotIndex) -> Manifest:
+    """The manifest a pull fetched, checked against the index it came with."""
+    assert manifest is not None  # the index validator requires it
+    if manifest.snapshot_id != index.snapshot_id:
+        raise SnapshotCorrupt(
+            f"{name}: the manifest's snapshot id {manifest.snapshot_id} is not the index's",
+            hint="the pushed snapshot is inconsistent; push it again",
+        )
+    listed = {f.path for f in index.files}
+    missing = [f.path for f in manifest.files if f.path not in listed]
+    if missing:
+        raise SnapshotCorrupt(
+            f"{name}: {missing[0]} is in the manifest but was not pushed",
+            hint="push the snapshot again",
+        )
+    return manifest
+
+
 def _digest(data: bytes | memoryview) -> str:
     return blake3.blake3(data).hexdigest()
 
@@ -616,31 +646,14 @@ class RemoteStore:
                     )
                     progress.advance(f.size)
                     continue
-                fd = _create(staging.path, f.path)
+                fd = create_sized(staging.path, f.path, f.size, f.mode)
                 fds.append(fd)
-                try:
-                    os.fchmod(fd, f.mode & 0o700)
-                    os.ftruncate(fd, f.size)
-                except OSError as exc:
-                    raise StoreError(f"cannot write {staging.path / f.path}: {exc.strerror}") from None
                 offset = 0
                 for c in f.chunks:
                     pool.submit(place, fd, c, offset, f.path)
                     offset += c.size
             pool.wait()
-            assert manifest is not None  # the index validator requires it
-            if manifest.snapshot_id != index.snapshot_id:
-                raise SnapshotCorrupt(
-                    f"{name}: the manifest's snapshot id {manifest.snapshot_id} is not the index's",
-                    hint="the pushed snapshot is inconsistent; push it again",
-                )
-            listed = {f.path for f in index.files}
-            missing = [f.path for f in manifest.files if f.path not in listed]
-            if missing:
-                raise SnapshotCorrupt(
-                    f"{name}: {missing[0]} is in the manifest but was not pushed",
-                    hint="push the snapshot again",
-                )
+            manifest = check_pulled_manifest(name, manifest, index)
             ok = True
         except (SnapshotCorrupt, UsageError):
             pool.close()

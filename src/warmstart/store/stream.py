@@ -41,7 +41,15 @@ from warmstart.store.backend import ObjectMissing
 from warmstart.store.compress import CODECS, CompressedPages, suffix
 from warmstart.store.index import ChunkRef, FileRef, SnapshotIndex
 from warmstart.store.local import LocalStore, Staging, check_name
-from warmstart.store.remote import Progress, RateLimit, RemoteStore, _create, _digest, chunk_key
+from warmstart.store.remote import (
+    Progress,
+    RateLimit,
+    RemoteStore,
+    _digest,
+    check_pulled_manifest,
+    chunk_key,
+    create_sized,
+)
 from warmstart.store.signing import TrustDecision, TrustPolicy
 
 _PENDING, _FETCHING, _DONE = 0, 1, 2
@@ -191,27 +199,9 @@ class StreamingPull:
                 self.stats.fetched_bytes += ref.size
                 self.progress.advance(ref.size)
                 continue
-            fd = _create(self.path, ref.path)
+            fd = create_sized(self.path, ref.path, ref.size, ref.mode)
             self._files[ref.path] = _File.of(ref, fd)
-            try:
-                os.fchmod(fd, ref.mode & 0o700)
-                os.ftruncate(fd, ref.size)
-            except OSError as exc:
-                raise StoreError(f"cannot write {self.path / ref.path}: {exc.strerror}") from None
-        assert manifest is not None  # the index validator requires it
-        if manifest.snapshot_id != index.snapshot_id:
-            raise SnapshotCorrupt(
-                f"{self.name}: the manifest's snapshot id {manifest.snapshot_id} is not the index's",
-                hint="the pushed snapshot is inconsistent; push it again",
-            )
-        listed = {f.path for f in index.files}
-        missing = [f.path for f in manifest.files if f.path not in listed]
-        if missing:
-            raise SnapshotCorrupt(
-                f"{self.name}: {missing[0]} is in the manifest but was not pushed",
-                hint="push the snapshot again",
-            )
-        return manifest
+        return check_pulled_manifest(self.name, manifest, index)
 
     def start(self) -> None:
         """Fetch every remaining chunk in the background: file order, ``jobs`` threads."""
