@@ -41,7 +41,7 @@ from warmstart.host import process as proc
 from warmstart.host import sockets
 from warmstart.host.criu import Criu, DumpOptions, find_criu
 from warmstart.host.stats import DumpStats
-from warmstart.snapshot import gpu_state, hostinfo
+from warmstart.snapshot import gpu_state, hostinfo, prefetch
 from warmstart.snapshot.guard import Guard
 from warmstart.snapshot.manifest import (
     IMAGES_DIR,
@@ -238,6 +238,8 @@ def checkpoint(
                 on_start=guard.criu_started,
             )  # fmt: skip
         _add_criu_phases(timer, staging.images)
+        with timer.phase("residency"):  # the tree is still stopped: its mappings hold still
+            resident = prefetch.record(staging.path, pids)
         extra: dict[str, Any] = {}
         if after_dump is not None:
             with timer.phase("after-dump"):
@@ -269,6 +271,7 @@ def checkpoint(
                 )  # fmt: skip
                 for rel, (size, digest) in sorted(digests.items())
             ]
+            + [resident]
             + list(extra.pop("files", [])),
             gpus=gpu.records() if gpu else [],
             timings=timer.phases,

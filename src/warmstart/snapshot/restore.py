@@ -31,6 +31,7 @@ from warmstart.host.stats import RestoreStats
 from warmstart.snapshot import compat, hostinfo
 from warmstart.snapshot.gpu_state import GpuRestorePlan
 from warmstart.snapshot.manifest import IMAGES_DIR, Manifest
+from warmstart.snapshot.prefetch import Prefetch
 from warmstart.snapshot.timing import PhaseListener, Timer
 from warmstart.snapshot.unpack import unpack_view
 from warmstart.store.compress import open_pages
@@ -209,6 +210,7 @@ def restore(
             else None
         )
         filling: Future[FillStats] | None = None
+        readahead: Prefetch | None = None
         filled_bytes = 0
         try:
             with timer.phase("criu-restore"):
@@ -230,6 +232,9 @@ def restore(
                 _clear_markers(Path(request.control_dir))
             with timer.phase("resume"):
                 proc.continue_tree(root_pid)
+            # The worker's mapped files (libraries): read in beside the GPU restore,
+            # not faulted in from disk one page at a time once it runs.
+            readahead = Prefetch.start(path)
             if server is not None and request.lazy:  # after the resume: it walks /proc under the GIL
                 server.tasks_resumed()
                 filling = pool.submit(server.fill)
@@ -263,6 +268,8 @@ def restore(
             raise
     if not manifest.compression:
         timer.set_bytes("criu-restore", manifest.total_bytes - filled_bytes)
+    if readahead is not None and readahead.done.is_set():
+        timer.add("  prefetch", 0.0, readahead.requested)
     return RestoreResult(pid=root_pid, manifest=manifest, timer=timer, log=log)
 
 

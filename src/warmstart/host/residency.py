@@ -1,0 +1,160 @@
+"""Which pages of a tree's mapped files are in the page cache, and reading them back in.
+
+A snapshot holds a worker's anonymous memory, not the shared libraries and
+other files it has mapped: after a restore those pages come back from disk
+one fault at a time, as the worker first touches them (on the GPU worker a
+cold page cache costs about a second before the first token that way).
+At checkpoint time the tree's file mappings are listed from
+``/proc/PID/maps`` and each file's page-cache residency over those ranges is
+read with ``mincore(2)``; a restore hands the resident ranges to the kernel's
+readahead (``POSIX_FADV_WILLNEED``) from a few threads while CRIU works.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+PAGE = mmap.PAGESIZE
+
+
+@dataclass(frozen=True)
+class FileRanges:
+    """Resident byte ranges of one file, with what identifies its version."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    ranges: tuple[tuple[int, int], ...]  # (offset, length), page-aligned
+
+    @property
+    def bytes(self) -> int:
+        return sum(length for _, length in self.ranges)
+
+
+def mapped_files(pids: Iterable[int], proc: Path = Path("/proc")) -> dict[str, list[tuple[int, int]]]:
+    """Regular files mapped by ``pids``: path -> merged (offset, length) ranges."""
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for pid in pids:
+        try:
+            lines = (proc / str(pid) / "maps").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split(maxsplit=5)
+            if len(parts) < 6 or not parts[5].startswith("/") or parts[5].endswith(" (deleted)"):
+                continue
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            spans.setdefault(parts[5], []).append((int(parts[2], 16), end - start))
+    return {path: _merge(r) for path, r in spans.items()}
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for off, length in sorted(ranges):
+        if out and off <= out[-1][0] + out[-1][1]:
+            last_off, last_len = out[-1]
+            out[-1] = (last_off, max(last_len, off + length - last_off))
+        else:
+            out.append((off, length))
+    return out
+
+
+def _libc() -> ctypes.CDLL:
+    lib = ctypes.CDLL(None, use_errno=True)
+    lib.mmap.restype = ctypes.c_void_p
+    lib.mmap.argtypes = [
+        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
+    ]  # fmt: skip
+    lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    return lib
+
+
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _runs(flags: bytes, base: int) -> list[tuple[int, int]]:
+    """(offset, length) of the resident pages in a mincore vector starting at ``base``."""
+    out: list[tuple[int, int]] = []
+    start = None
+    for i, flag in enumerate(flags):
+        if flag & 1 and start is None:
+            start = i
+        elif not flag & 1 and start is not None:
+            out.append((base + start * PAGE, (i - start) * PAGE))
+            start = None
+    if start is not None:
+        out.append((base + start * PAGE, (len(flags) - start) * PAGE))
+    return out
+
+
+def resident_ranges(path: str, spans: list[tuple[int, int]]) -> FileRanges | None:
+    """The page-cache-resident parts of ``spans`` of ``path`` (None: not a readable regular file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    lib = _libc()
+    try:
+        st = os.fstat(fd)
+        if not st.st_size or (st.st_mode & 0o170000) != 0o100000:
+            return None
+        # Mapping a file maps none of its pages: mincore then reports the page cache.
+        base = lib.mmap(None, st.st_size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if base in (None, _MAP_FAILED):
+            return None
+        found: list[tuple[int, int]] = []
+        try:
+            for off, length in spans:
+                off -= off % PAGE
+                end = min(off + length, st.st_size)
+                if end <= off:
+                    continue
+                vec = ctypes.create_string_buffer(-(-(end - off) // PAGE))
+                if lib.mincore(base + off, end - off, vec) == 0:
+                    found += _runs(vec.raw, off)
+        finally:
+            lib.munmap(base, st.st_size)
+        return FileRanges(path, st.st_size, st.st_mtime_ns, tuple(_merge(found)))
+    finally:
+        os.close(fd)
+
+
+def resident_files(pids: Iterable[int]) -> list[FileRanges]:
+    """Every mapped file of ``pids`` with at least one resident page."""
+    out = []
+    for path, spans in sorted(mapped_files(pids).items()):
+        fr = resident_ranges(path, spans)
+        if fr is not None and fr.ranges:
+            out.append(fr)
+    return out
+
+
+def prefetch(files: Iterable[FileRanges], *, threads: int = 4) -> int:
+    """Start readahead of every range whose file is unchanged; return the bytes asked for."""
+
+    def one(fr: FileRanges) -> int:
+        try:
+            fd = os.open(fr.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return 0
+        try:
+            st = os.fstat(fd)
+            if st.st_size != fr.size or st.st_mtime_ns != fr.mtime_ns:
+                return 0  # another version of the file: its old pages mean nothing
+            for off, length in fr.ranges:
+                os.posix_fadvise(fd, off, length, os.POSIX_FADV_WILLNEED)
+            return fr.bytes
+        except OSError:
+            return 0
+        finally:
+            os.close(fd)
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="prefetch") as pool:
+        return sum(pool.map(one, files))
