@@ -272,12 +272,18 @@ class OperationManager:
 
     # -- running ----------------------------------------------------------------------
     def _phase(self, op: Operation, name: str) -> None:
+        # Persisted before it is shown: a client that sees the phase and then the
+        # agent die finds the same phase in what the next agent recovers.
         with self._lock:
-            if op.phase:
-                op.phases_done.append(op.phase)
-            op.phase = name.strip()
-        self._log(op, f"phase {name.strip()}")
-        self._save(op)
+            nxt = op.model_copy(deep=True)
+            if nxt.phase:
+                nxt.phases_done.append(nxt.phase)
+            nxt.phase = name.strip()
+            nxt.logs.append(LogLine(t=time.time(), message=f"phase {name.strip()}"))
+        protocol.write_atomic(self.dir / f"{op.id}.json", nxt.model_dump_json(indent=1).encode())
+        with self._lock:
+            op.phases_done, op.phase, op.logs = nxt.phases_done, nxt.phase, nxt.logs
+        log.info("%s %s: phase %s", op.type, op.id, name.strip())
         if os.environ.get(PAUSE_ENV) == name.strip():
             self._log(op, f"paused at {name.strip()} (${PAUSE_ENV})")
             self._save(op)
