@@ -77,10 +77,12 @@ def naive(store: LocalStore, name: str, gpu: bool) -> tuple[float, int]:
 
 
 def ours(
-    store: LocalStore, name: str, control: Path | None, port: int | None, parallel: bool, lazy: bool
+    store: LocalStore, name: str, control: Path | None, port: int | None, parallel: bool, who: str
 ) -> tuple[float, int, dict[str, float], float | None]:
     env = {"WARMSTART_PORT": str(port)} if port else {}
-    request = RestoreRequest(control_dir=control, env=env, parallel_pages=parallel or lazy, lazy=lazy)
+    lazy = who == "lazy"
+    request = RestoreRequest(control_dir=control, env=env, parallel_pages=parallel or lazy, lazy=lazy,
+                             prefetch=who == "prefetch")  # fmt: skip
     t0 = time.perf_counter()
     r = restore(name, store=store, request=request)
     took = time.perf_counter() - t0
@@ -126,8 +128,9 @@ def main() -> None:
     ap.add_argument("--criu-pages", action="store_true",
                     help="warmstart without its page server (CRIU fills memory)")  # fmt: skip
     ap.add_argument("--modes", nargs="+", default=["naive", "warmstart", "lazy"],
-                    choices=["naive", "warmstart", "lazy"],
-                    help="lazy: warmstart restore --lazy (runs while the pages are filled)")  # fmt: skip
+                    choices=["naive", "warmstart", "lazy", "prefetch"],
+                    help="lazy: warmstart restore --lazy (runs while the pages are filled); "
+                         "prefetch: warmstart restore --prefetch")  # fmt: skip
     args = ap.parse_args()
     gpu = args.model is not None and args.device.startswith("cuda")
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as d:
@@ -149,7 +152,7 @@ def main() -> None:
                         took, pid = naive(store, name, gpu)
                     else:
                         port = free_port() if control else None
-                        took, pid, ph, ttft = ours(store, name, control, port, not args.criu_pages, who == "lazy")
+                        took, pid, ph, ttft = ours(store, name, control, port, not args.criu_pages, who)
                         phases.setdefault(f"{cache}/{who}", []).append(ph)
                         if ttft is not None:
                             results.setdefault(f"{cache}/{who}/first-token", []).append(ttft)

@@ -243,6 +243,13 @@ def restore(
             help="Let the tree run and restore its GPU state while pages are still filled (faults served on demand); the worker is handed over once the fill and checksums are done.",
         ),
     ] = False,
+    prefetch: Annotated[
+        bool,
+        typer.Option(
+            "--prefetch/--no-prefetch",
+            help="Read the worker's recorded library pages back into the page cache while its GPU state is restored (not measured on a GPU host yet).",
+        ),
+    ] = False,
     page_threads: Annotated[
         Optional[int], typer.Option("--page-threads", min=1, max=256, help="Page-server threads.")
     ] = None,
@@ -286,15 +293,15 @@ def restore(
         if not detach:
             _wait_exit(pid)
         return
-    prefetch = None
+    weights = None
 
     def request_for(manifest: Any) -> RestoreRequest:
-        nonlocal prefetch
+        nonlocal weights
         control = control_dir or (
             Path(manifest.labels["control_dir"]) if "control_dir" in manifest.labels else None
         )
         # weights in the memory service: refuse or start streaming
-        prefetch = prepare_restore(manifest.labels)
+        weights = prepare_restore(manifest.labels)
         return RestoreRequest(
             gpu_map=tuple(gpu_map),
             verify=not no_verify,
@@ -303,6 +310,7 @@ def restore(
             parallel_pages=parallel_pages,
             page_threads=page_threads,
             lazy=lazy,
+            prefetch=prefetch,
         )
 
     s = open_store(store)
@@ -331,7 +339,7 @@ def restore(
                 "timings": result.timer.phases,
                 "total_seconds": result.timer.total,
                 "log": str(result.log),
-                "gms_weights": prefetch.state if prefetch else None,
+                "gms_weights": weights.state if weights else None,
                 "stream": streamed.report() if streamed else None,
             }
         )
@@ -344,8 +352,8 @@ def restore(
             from warmstart.cli.remote import stream_line
 
             console.print(stream_line(streamed.report()))
-        if prefetch is not None:
-            console.print(f"weights from the memory service: {prefetch.state}")
+        if weights is not None:
+            console.print(f"weights from the memory service: {weights.state}")
     if not detach:
         _wait_exit(result.pid)
 

@@ -53,6 +53,10 @@ class RestoreRequest:
     #: still filling; faults are served on demand. The hand-over waits for the
     #: fill and the checksums, so the worker serves nothing until both are done.
     lazy: bool = False
+    #: Read the tree's recorded file pages (libraries) back into the page cache
+    #: while its GPU state is restored (snapshot/prefetch.py). Off by default:
+    #: it showed no gain on the CPU worker and has not run on a GPU host.
+    prefetch: bool = False
     #: Page-server threads (default: up to 16, one per core).
     page_threads: int | None = None
     #: Refuse when a PID of the snapshot's tree is in use here. Container restores
@@ -234,7 +238,7 @@ def restore(
                 proc.continue_tree(root_pid)
             # The worker's mapped files (libraries): read in beside the GPU restore,
             # not faulted in from disk one page at a time once it runs.
-            readahead = Prefetch.start(path)
+            readahead = Prefetch.start(path) if request.prefetch else None
             if server is not None and request.lazy:  # after the resume: it walks /proc under the GIL
                 server.tasks_resumed()
                 filling = pool.submit(server.fill)
