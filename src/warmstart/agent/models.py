@@ -81,6 +81,8 @@ class RestoreRequest(_Request):
     verify: bool = True
     parallel_pages: bool | None = None
     page_threads: int | None = Field(default=None, ge=1, le=256)
+    lazy: bool = False
+    prefetch: bool = False
 
 
 class ColdStartRequest(_Request):

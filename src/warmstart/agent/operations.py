@@ -407,7 +407,8 @@ class OperationManager:
         prefetch = prepare_restore(manifest.labels)
         request = Restore(gpu_map=tuple(req.gpu_map), verify=req.verify,
                           control_dir=Path(control) if control else None, env=req.env,
-                          parallel_pages=req.parallel_pages, page_threads=req.page_threads)
+                          parallel_pages=req.parallel_pages, page_threads=req.page_threads,
+                          lazy=req.lazy, prefetch=req.prefetch)
         res = restore(req.snapshot, store=store, request=request,
                       listener=lambda name: self._phase(op, name))
         report = self._restore_report(op, res)

@@ -288,7 +288,8 @@ def restore(
                 "gpu_map": list(gpu_map), "runtime": runtime, "runc_root": runc_root}
         if into is None:
             body.update(control_dir=str(control_dir.absolute()) if control_dir else None,
-                        verify=not no_verify, parallel_pages=parallel_pages, page_threads=page_threads)
+                        verify=not no_verify, parallel_pages=parallel_pages, page_threads=page_threads,
+                        lazy=lazy, prefetch=prefetch)
         pid = via_agent.restore(socket, body, json_out=json_out)
         if not detach:
             _wait_exit(pid)
