@@ -35,6 +35,22 @@ def _snapshot_in(url: str, tree_factory, tmp_path: Path, *, compress: str | None
     return tree, before, remote
 
 
+def _stream_and_check(tree, before, remote, tmp_path: Path, **kwargs):  # type: ignore[no-untyped-def]
+    """Restore ``snap`` from ``remote`` while it streams; the tree continues with ``before``."""
+    node_b = LocalStore(tmp_path / "node-b")
+    streamed = restore_streaming(
+        remote, "snap", local=node_b, request=RestoreRequest(), trust=TrustPolicy([]),
+        durable=False, **kwargs,
+    )  # fmt: skip
+    back = Tree(tree.state, None, streamed.result.pid)
+    try:
+        back.wait_progress()
+        assert back.digests() == before
+    finally:
+        back.kill()
+    return streamed, node_b
+
+
 def _page_chunk_events(events: list[str]) -> list[int]:
     return [
         i
@@ -50,16 +66,7 @@ def test_streaming_restore_continues_with_identical_state(
 ) -> None:
     url = request.getfixturevalue(f"{backend}_url")
     tree, before, remote = _snapshot_in(url, tree_factory, tmp_path)
-    node_b = LocalStore(tmp_path / "node-b")
-    streamed = restore_streaming(
-        remote, "snap", local=node_b, request=RestoreRequest(), trust=TrustPolicy([]), durable=False
-    )
-    back = Tree(tree.state, None, streamed.result.pid)
-    try:
-        back.wait_progress()
-        assert back.digests() == before
-    finally:
-        back.kill()
+    streamed, node_b = _stream_and_check(tree, before, remote, tmp_path)
     assert streamed.overlapped
     assert streamed.stats.bulk_bytes >= MEM_MIB << 20
     assert streamed.events.index("meta-complete") < streamed.events.index("phase criu-restore")
@@ -79,17 +86,7 @@ def test_throttled_download_restore_starts_before_the_last_chunk(
     tree_factory, tmp_path: Path, file_url: str
 ) -> None:
     tree, before, remote = _snapshot_in(file_url, tree_factory, tmp_path)
-    node_b = LocalStore(tmp_path / "node-b")
-    streamed = restore_streaming(
-        remote, "snap", local=node_b, request=RestoreRequest(), trust=TrustPolicy([]),
-        limit_rate=24e6, durable=False,
-    )  # fmt: skip
-    back = Tree(tree.state, None, streamed.result.pid)
-    try:
-        back.wait_progress()
-        assert back.digests() == before
-    finally:
-        back.kill()
+    streamed, _node_b = _stream_and_check(tree, before, remote, tmp_path, limit_rate=24e6)
     ev = streamed.events
     criu_started = ev.index("phase criu-restore")
     # CRIU started while page chunks were still to come; the tasks resumed only after the last one
@@ -104,17 +101,7 @@ def test_throttled_download_restore_starts_before_the_last_chunk(
 @pytest.mark.criu
 def test_streaming_compressed_snapshot(tree_factory, tmp_path: Path, file_url: str) -> None:
     tree, before, remote = _snapshot_in(file_url, tree_factory, tmp_path, compress="zstd")
-    node_b = LocalStore(tmp_path / "node-b")
-    streamed = restore_streaming(
-        remote, "snap", local=node_b, request=RestoreRequest(), trust=TrustPolicy([]),
-        limit_rate=8e6, durable=False,
-    )  # fmt: skip
-    back = Tree(tree.state, None, streamed.result.pid)
-    try:
-        back.wait_progress()
-        assert back.digests() == before
-    finally:
-        back.kill()
+    streamed, node_b = _stream_and_check(tree, before, remote, tmp_path, limit_rate=8e6)
     assert streamed.overlapped and list((node_b.root / "snap" / "images").glob("pages-*.img.zstd"))
 
 
