@@ -9,29 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from warmstart.host.residency import PAGE, mapped_files, prefetch, resident_ranges
-
-
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+from warmstart.host.residency import PAGE, evict, mapped_files, prefetch, resident_ranges
 
 
 def test_resident_ranges_follow_the_page_cache_and_prefetch_reads_them_back(tmp_path: Path) -> None:
     path = tmp_path / "lib.bin"
     path.write_bytes(os.urandom(64 * PAGE))
-    _evict(path)
+    evict(path)
     with open(path, "rb") as f:
         f.seek(8 * PAGE)
         f.read(4 * PAGE)  # pages 8..11 now cached (readahead may add neighbours)
     fr = resident_ranges(str(path), [(0, 64 * PAGE)])
     assert fr is not None and fr.size == 64 * PAGE
     assert any(off <= 8 * PAGE and 12 * PAGE <= off + n for off, n in fr.ranges)
-    _evict(path)
+    evict(path)
     evicted = resident_ranges(str(path), [(0, 64 * PAGE)])
     if evicted is not None and evicted.ranges:
         pytest.skip("this filesystem keeps pages cached after POSIX_FADV_DONTNEED")

@@ -28,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from warmstart.host.residency import evict
+
 GB = 1e9
 _CHUNK = 8 << 20
 
@@ -142,12 +144,7 @@ def read_file(path: Path, threads: int) -> float:
 
 
 def _drop_from_cache(path: Path) -> bool:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    evict(path)
     return True
 
 

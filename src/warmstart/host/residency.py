@@ -136,6 +136,16 @@ def resident_files(pids: Iterable[int]) -> list[FileRanges]:
     return out
 
 
+def evict(path: Path) -> None:
+    """Write ``path`` back and drop its pages from the page cache (a cold read next)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def prefetch(files: Iterable[FileRanges], *, threads: int = 4) -> int:
     """Start readahead of every range whose file is unchanged; return the bytes asked for."""
 
