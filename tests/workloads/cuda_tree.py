@@ -26,6 +26,7 @@ def pattern() -> torch.Tensor:
 
 
 big = pattern()
+torch.cuda.empty_cache()  # the int64 temporaries: device memory is then GIB plus the context
 counter = torch.zeros(1, dtype=torch.int64, device="cuda")
 child = None
 if child_mode:
