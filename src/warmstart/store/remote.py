@@ -595,20 +595,7 @@ class RemoteStore:
         lock = threading.Lock()
 
         def fetch(ref: ChunkRef, where: str) -> bytes:
-            if limiter:
-                limiter.take(ref.size)
-            try:
-                data = self.backend.get(chunk_key(ref.digest))
-            except ObjectMissing:
-                raise SnapshotCorrupt(
-                    f"chunk {ref.digest[:16]}… of {where} is missing from {self.url}",
-                    hint="the store lost data (removed by hand?); push the snapshot again",
-                ) from None
-            if len(data) != ref.size or _digest(data) != ref.digest:
-                raise SnapshotCorrupt(
-                    f"chunk {ref.digest[:16]}… of {where} fails its BLAKE3 check",
-                    hint="the store holds a damaged chunk; push the snapshot again",
-                )
+            data = self.fetch_chunk(ref, where, limiter)
             with lock:
                 result.fetched_bytes += len(data)
             return data
@@ -667,6 +654,24 @@ class RemoteStore:
             result.path = local.publish(staging, manifest, durable=durable)
         result.seconds = time.perf_counter() - t0
         return result
+
+    def fetch_chunk(self, ref: ChunkRef, where: str, limiter: RateLimit | None = None) -> bytes:
+        """One chunk's bytes, checked against its BLAKE3 (``where``: the file it belongs to)."""
+        if limiter:
+            limiter.take(ref.size)
+        try:
+            data = self.backend.get(chunk_key(ref.digest))
+        except ObjectMissing:
+            raise SnapshotCorrupt(
+                f"chunk {ref.digest[:16]}… of {where} is missing from {self.url}",
+                hint="the store lost data (removed by hand?); push the snapshot again",
+            ) from None
+        if len(data) != ref.size or _digest(data) != ref.digest:
+            raise SnapshotCorrupt(
+                f"chunk {ref.digest[:16]}… of {where} fails its BLAKE3 check",
+                hint="the store holds a damaged chunk; push the snapshot again",
+            )
+        return data
 
     def verify(self, *, repair: bool = False, progress: Progress | None = None) -> VerifyResult:
         """Read every chunk back and check its BLAKE3; with ``repair``, delete the bad ones.

@@ -37,7 +37,6 @@ from pathlib import Path
 
 from warmstart.errors import SnapshotCorrupt, StoreError, WarmstartError
 from warmstart.snapshot.manifest import MANIFEST_NAME, Manifest
-from warmstart.store.backend import ObjectMissing
 from warmstart.store.compress import CODECS, CompressedPages, suffix
 from warmstart.store.index import ChunkRef, FileRef, SnapshotIndex
 from warmstart.store.local import LocalStore, Staging, check_name
@@ -47,7 +46,6 @@ from warmstart.store.remote import (
     RemoteStore,
     _digest,
     check_pulled_manifest,
-    chunk_key,
     create_sized,
 )
 from warmstart.store.signing import TrustDecision, TrustPolicy
@@ -348,21 +346,7 @@ class StreamingPull:
         self.progress.advance(ref.size)
 
     def _fetch(self, ref: ChunkRef, where: str) -> bytes:
-        if self._limiter:
-            self._limiter.take(ref.size)
-        try:
-            data = self.remote.backend.get(chunk_key(ref.digest))
-        except ObjectMissing:
-            raise SnapshotCorrupt(
-                f"chunk {ref.digest[:16]}… of {where} is missing from {self.remote.url}",
-                hint="the store lost data (removed by hand?); push the snapshot again",
-            ) from None
-        if len(data) != ref.size or _digest(data) != ref.digest:
-            raise SnapshotCorrupt(
-                f"chunk {ref.digest[:16]}… of {where} fails its BLAKE3 check",
-                hint="the store holds a damaged chunk; push the snapshot again",
-            )
-        return data
+        return self.remote.fetch_chunk(ref, where, self._limiter)
 
     def _bulk_in(self) -> int:
         return sum(
