@@ -63,6 +63,30 @@ def smaps_summary(pid: int) -> dict[str, float]:
     return {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v > 0.001}
 
 
+def zero_census(images: Path) -> dict[str, float]:
+    """How much of the page images is zero pages, and how much sits in zero runs of >= 64 KiB."""
+    import numpy as np
+
+    total = zero = in_runs = 0
+    for f in sorted(images.glob("pages-*.img")):
+        run = 0
+        with f.open("rb") as fh:
+            while chunk := fh.read(CHUNK):
+                pages = np.frombuffer(chunk[: len(chunk) // 4096 * 4096], dtype=np.uint64).reshape(-1, 512)
+                empty = ~pages.any(axis=1)
+                total += len(empty) * 4096
+                zero += int(empty.sum()) * 4096
+                for is_zero in empty.tolist():  # run lengths across chunk borders
+                    if is_zero:
+                        run += 1
+                    else:
+                        in_runs += run * 4096 if run >= 16 else 0
+                        run = 0
+        in_runs += run * 4096 if run >= 16 else 0
+    return {"pages_GB": round(total / 1e9, 3), "zero_GB": round(zero / 1e9, 3),
+            "zero_in_64KiB_runs_GB": round(in_runs / 1e9, 3)}  # fmt: skip
+
+
 def read_files(files: list[Path], threads: int) -> float:
     def one(job: tuple[Path, int]) -> int:
         path, off = job
@@ -171,7 +195,7 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--kv-gib", type=float, default=1.0)
-    ap.add_argument("--modes", nargs="+", default=["warm", "warm", "cold", "cold+prefetch", "warm-lazy"])
+    ap.add_argument("--modes", nargs="*", default=["warm", "warm", "cold", "cold+prefetch", "warm-lazy"])
     args = ap.parse_args()
     criu = str(find_criu().path)
     gpu = args.device.startswith("cuda")
@@ -189,6 +213,8 @@ def main() -> None:
                 raise SystemExit((control / "log").read_text()[-3000:])
             time.sleep(0.05)
         pid = w.pid
+        report["worker_log"] = [line for line in (control / "log").read_text().splitlines()
+                                if "checkpoint point" in line or "released" in line]  # fmt: skip
         report["rss_before_gpu_checkpoint_GB"] = smaps_summary(pid)
         if drv is not None:
             drv.lock(pid, 30000)
@@ -206,6 +232,8 @@ def main() -> None:
             w.kill()
     report["images_GB"] = {p.name: round(p.stat().st_size / 1e9, 3) for p in images.iterdir()
                            if p.stat().st_size > 10_000_000}  # fmt: skip
+    report["zero_pages"] = zero_census(images)
+    print(json.dumps(report, indent=1), flush=True)
     report["restores"] = [{"mode": m, **restore_variant(criu, images, m, work / f"r{i}.log", gpu)}
                           for i, m in enumerate(args.modes)]  # fmt: skip
     report["bandwidth"] = bandwidths(images)

@@ -5,6 +5,9 @@ restores it with
 
 * naive: bare ``criu restore -d`` on the snapshot's images, then (GPU) the
   driver's restore + unlock calls, nothing else;
+* naive-dense: the same on a copy of the images with every hole filled in
+  (what a plain ``criu dump`` writes: warmstart punches zero runs out of its
+  page images, which also spares bare CRIU the disk reads of them);
 * warmstart: ``warmstart.snapshot.restore`` with its parallel page server
   (``--criu-pages``: without it), checksums verified, hand-over to the worker,
 
@@ -52,9 +55,9 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def naive(store: LocalStore, name: str, gpu: bool) -> tuple[float, int]:
+def naive(store: LocalStore, name: str, gpu: bool, images: Path | None = None) -> tuple[float, int]:
     manifest = store.manifest(name)
-    images = store.path_of(name) / IMAGES_DIR
+    images = images or store.path_of(name) / IMAGES_DIR
     criu = find_criu()
     pidfile = Path(tempfile.mktemp(prefix="naive-", suffix=".pid"))
     args = DumpOptions.from_record(manifest.criu_options).shared_args()
@@ -93,7 +96,7 @@ def ours(
 def snapshot_worker(args: argparse.Namespace, store: LocalStore, work: Path) -> tuple[str, Path | None]:
     codec = None if args.compress == "none" else args.compress
     if args.model is None:
-        tree = start_tree(work / "tree", args.mib)
+        tree = start_tree(work / "tree", args.mib, args.zero_mib)
         checkpoint(tree.pid, store=store, name="speed", options=CheckpointOptions(compress=codec))
         tree.popen.wait()
         return "speed", None
@@ -118,6 +121,7 @@ def snapshot_worker(args: argparse.Namespace, store: LocalStore, work: Path) -> 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=2048, help="CPU tree: MiB of patterned memory")
+    ap.add_argument("--zero-mib", type=int, default=0, help="CPU tree: MiB of memory holding zeros")
     ap.add_argument("--model", help="reference-server model dir (GPU worker)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--kv-gib", type=float, default=1.0)
@@ -128,7 +132,7 @@ def main() -> None:
     ap.add_argument("--criu-pages", action="store_true",
                     help="warmstart without its page server (CRIU fills memory)")  # fmt: skip
     ap.add_argument("--modes", nargs="+", default=["naive", "warmstart", "lazy"],
-                    choices=["naive", "warmstart", "lazy", "prefetch"],
+                    choices=["naive", "naive-dense", "warmstart", "lazy", "prefetch"],
                     help="lazy: warmstart restore --lazy (runs while the pages are filled); "
                          "prefetch: warmstart restore --prefetch")  # fmt: skip
     args = ap.parse_args()
@@ -139,6 +143,12 @@ def main() -> None:
         name, control = snapshot_worker(args, store, work)
         size = store.manifest(name).total_bytes
         compressed = store.manifest(name).compression is not None
+        dense = work / "dense-images"
+        if "naive-dense" in args.modes:
+            subprocess.run(["cp", "-r", "--sparse=never", str(store.path_of(name) / IMAGES_DIR), str(dense)],
+                           check=True)  # fmt: skip
+        print(f"snapshot {size / 1e9:.2f} GB, {store.manifest(name).sparse_bytes / 1e9:.2f} GB of it holes",
+              flush=True)  # fmt: skip
         results: dict[str, list[float]] = {}
         phases: dict[str, list[dict[str, float]]] = {}
         for cache in ["warm", "cold"] if args.cold else ["warm"]:
@@ -146,10 +156,10 @@ def main() -> None:
                 for who in args.modes:
                     if cache == "cold":
                         drop_caches()
-                    if who == "naive":
+                    if who in ("naive", "naive-dense"):
                         if compressed:
                             continue  # bare CRIU cannot read compressed images
-                        took, pid = naive(store, name, gpu)
+                        took, pid = naive(store, name, gpu, dense if who == "naive-dense" else None)
                     else:
                         port = free_port() if control else None
                         took, pid, ph, ttft = ours(store, name, control, port, not args.criu_pages, who)
@@ -167,14 +177,17 @@ def main() -> None:
            "warmstart_phases": phases}  # fmt: skip
     print(json.dumps(out, indent=1))
     print(f"snapshot {size / 1e9:.2f} GB, {args.rounds} rounds, medians:")
-    print(f"{'cache':>5} {'mode':>9} {'restore s':>9} {'vs naive':>8} {'GB/s':>6} {'1st token s':>11}")
+    print(f"{'cache':>5} {'mode':>11} {'restore s':>9} {'vs naive':>8} {'vs dense':>8} {'GB/s':>6} "
+          f"{'1st token s':>11}")  # fmt: skip
     for cache in ("warm", "cold"):
         n = med.get(f"{cache}/naive")
+        nd = med.get(f"{cache}/naive-dense")
         for who in args.modes:
             if (w := med.get(f"{cache}/{who}")) is None:
                 continue
             ft = med.get(f"{cache}/{who}/first-token")
-            print(f"{cache:>5} {who:>9} {w:>9.2f} {'-' if n is None else f'{n / w:.2f}x':>8} "
+            print(f"{cache:>5} {who:>11} {w:>9.2f} {'-' if n is None else f'{n / w:.2f}x':>8} "
+                  f"{'-' if nd is None else f'{nd / w:.2f}x':>8} "
                   f"{size / w / 1e9:>6.2f} {'' if ft is None else f'{ft:.2f}':>11}")  # fmt: skip
 
 if __name__ == "__main__":

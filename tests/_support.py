@@ -74,10 +74,10 @@ class Tree:
             self.popen.wait(timeout=10)
 
 
-def start_tree(state: Path, mem_mib: int = 16) -> Tree:
+def start_tree(state: Path, mem_mib: int = 16, zero_mib: int = 0) -> Tree:
     state.mkdir(parents=True, exist_ok=True)
     popen = subprocess.Popen(
-        [sys.executable, str(WORKLOADS / "tree.py"), str(state), str(mem_mib)],
+        [sys.executable, str(WORKLOADS / "tree.py"), str(state), str(mem_mib), str(zero_mib)],
         stdin=subprocess.DEVNULL,
         stdout=open(state / "stdout", "ab"),
         stderr=subprocess.STDOUT,

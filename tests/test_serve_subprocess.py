@@ -125,6 +125,9 @@ def test_two_phase_start_with_fake_checkpointer(tmp_path, model_dir, reference_i
         wait_for(entry.exists, 60, "registration", tmp_path / "worker.err")
         assert json.loads(entry.read_text()) == {"name": "replica-2", "host": "new-host", "ip": "10.0.0.9",
                                                  "port": port, "pid": proc.pid}
+        # the app was built and warmed before the checkpoint point, and the warm-up left no trace
+        assert httpx.get(f"http://127.0.0.1:{port}/ready").json()["startup"]["http_prepare_s"] > 0
+        assert 'warmstart_requests_total{route="completions"' not in httpx.get(f"http://127.0.0.1:{port}/metrics").text
         assert complete(port) == reference_ids
         assert httpx.get(f"http://127.0.0.1:{port}/ready").json()["restored"] is True
     finally:

@@ -1,8 +1,10 @@
 """A process tree that exercises what a checkpoint must carry.
 
-Usage: python tree.py STATE_DIR MEM_MIB
+Usage: python tree.py STATE_DIR MEM_MIB [ZERO_MIB]
 
-The root holds a counter, MEM_MIB of patterned memory, a file it appends to,
+The root holds a counter, MEM_MIB of patterned memory, ZERO_MIB of memory
+written with zeros (present pages, as a GPU checkpoint's host copy has) with
+one data byte every 3 MiB, a file it appends to,
 a thread with its own counter, a pipe to a child (which appends what it reads
 to its own file), a unix socket pair, a memfd, a deleted-but-open file and an
 flock. Every tick it writes ``status.json`` atomically. Touching ``verify``
@@ -21,11 +23,19 @@ import time
 
 state = sys.argv[1]
 mem_mib = int(sys.argv[2])
+zero_mib = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 
 pattern = bytes(range(256)) * 4096  # 1 MiB
 memory = bytearray(pattern * mem_mib)
 for i in range(0, len(memory), 4096):  # make every page distinct
     memory[i : i + 8] = i.to_bytes(8, "little")
+
+zeros = bytearray(zero_mib << 20)
+for i in range(0, len(zeros), 4096):  # present pages that hold zeros, not the shared zero page
+    zeros[i] = 1
+    zeros[i] = 0
+for i in range(12345, len(zeros), 3 << 20):
+    zeros[i] = 0x5A
 
 log = open(os.path.join(state, "counter.log"), "a", buffering=1)
 lockf = open(os.path.join(state, "lockfile"), "w")
@@ -68,6 +78,7 @@ def digest() -> dict:
     deleted.seek(0)
     return {
         "memory": hashlib.sha256(memory).hexdigest(),
+        "zeros": hashlib.sha256(zeros).hexdigest(),
         "memfd": hashlib.sha256(os.read(memfd, 1 << 20)).hexdigest(),
         "deleted": hashlib.sha256(deleted.read()).hexdigest(),
     }

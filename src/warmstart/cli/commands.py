@@ -194,6 +194,7 @@ def checkpoint(
                 "path": str(result.path),
                 "bytes": m.total_bytes,
                 "durability": m.durability,
+                "sparse_bytes": m.sparse_bytes,
                 "gpus": m.gpus,
                 "timings": result.timer.phases,
                 "total_seconds": result.timer.total,
@@ -433,6 +434,8 @@ def inspect(
         f"({m.source.arch}, kernel {m.source.kernel}, CRIU {m.source.criu_version})"
     )
     console.print(f"CPU {m.source.cpu_model}; {human_bytes(m.total_bytes)} in {len(m.files)} files")
+    if m.sparse_bytes:
+        console.print(f"{human_bytes(m.sparse_bytes)} of it zero pages, kept as holes (no disk, no reads)")
     if m.durability == "none":
         console.print("durability none: published without fsync (a power loss since could have damaged it)")
     procs = Table(title="processes", title_justify="left")

@@ -44,6 +44,7 @@ from typing import Protocol
 from warmstart.errors import CriuError
 from warmstart.host import uffd
 from warmstart.host.pagemap import PAGE_SIZE, PageRun, read_pagemap, read_vmas, split_at_vmas
+from warmstart.host.sparse import HoleMap
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,15 @@ class PlainPages:
     """A pages image as CRIU wrote it.
 
     The file is also mapped, so :meth:`address` lets ``UFFDIO_COPY`` read the
-    page cache directly: one copy per byte instead of ``pread`` + copy.
+    page cache directly: one copy per byte instead of ``pread`` + copy. Its
+    :attr:`holes` (runs of zero pages punched out at checkpoint,
+    :mod:`warmstart.host.sparse`) are never read: the zero page is mapped there.
     """
 
     def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.size = os.fstat(self._fd).st_size
+        self.holes = HoleMap(self._fd, self.size)
         self._map: mmap.mmap | None = None
         self._base = 0
         if self.size:
@@ -394,13 +398,60 @@ class PageServer:
         end: int,
         buf: bytearray,
         *,
+        wait: bool = True,
+    ) -> int:
+        """Place [start, end) of ``run`` in the task; return the bytes placed.
+
+        Parts the image holds as holes get the zero page, the rest is copied.
+        ``wait=False`` (the event thread) raises :class:`_LayoutChanging`
+        instead of waiting for layout events only that thread can read."""
+        holes: HoleMap | None = getattr(task.pages, "holes", None)
+        if not holes:
+            return self._copy_data(task, run, start, end, buf, wait=wait)
+        placed = 0
+        for offset, length, is_hole in holes.split(run.offset + (start - run.vaddr), end - start):
+            at = run.vaddr + (offset - run.offset)
+            if is_hole:
+                placed += self._zero(task, at, at + length, wait=wait)
+            else:
+                placed += self._copy_data(task, run, at, at + length, buf, wait=wait)
+        return placed
+
+    def _zero(self, task: _Task, start: int, end: int, *, wait: bool) -> int:
+        placed = pos = 0
+        while pos < end - start:
+            err, done = uffd.zero_range(task.fd, start + pos, end - start - pos)
+            pos += done
+            placed += done
+            if err == 0:
+                break
+            if err == errno.EEXIST:
+                pos += PAGE_SIZE  # already there (a fault beat us to it)
+            elif err == errno.EAGAIN and not wait:
+                raise _LayoutChanging
+            elif err == errno.EAGAIN:
+                time.sleep(0.0005)
+            elif err in (errno.ENOENT, errno.ESRCH, errno.EFAULT):
+                break  # the range or the task is gone
+            else:
+                raise CriuError(
+                    f"mapping zero pages into PID {task.pid} failed: {os.strerror(err)}",
+                    hint="retry the restore with --no-parallel-pages",
+                )
+        return placed
+
+    def _copy_data(
+        self,
+        task: _Task,
+        run: PageRun,
+        start: int,
+        end: int,
+        buf: bytearray,
+        *,
         buffered: bool = False,
         wait: bool = True,
     ) -> int:
-        """Copy [start, end) of ``run`` into the task; return the bytes placed.
-
-        ``wait=False`` (the event thread) raises :class:`_LayoutChanging`
-        instead of waiting for layout events only that thread can read."""
+        """Copy [start, end) of ``run`` from the image into the task (see :meth:`_copy`)."""
         length = end - start
         offset = run.offset + (start - run.vaddr)
         mapped = None if buffered or not self.zero_copy else getattr(task.pages, "address", None)
@@ -436,13 +487,13 @@ class PageServer:
                 time.sleep(0.0005)  # layout events pending: let the event loop read them
             elif err == errno.EFAULT and not buffered:
                 # The mapped image could not be read (it shrank?): read the rest, which says why.
-                return placed + self._copy(task, run, start + pos, end, buf, buffered=True, wait=wait)
+                return placed + self._copy_data(task, run, start + pos, end, buf, buffered=True, wait=wait)
             elif err in (errno.ENOENT, errno.ESRCH, errno.EFAULT):
                 break  # the range or the task is gone
             else:
                 raise CriuError(
                     f"copying pages into PID {task.pid} failed: {os.strerror(err)}",
-                    hint="retry the restore without --parallel-pages",
+                    hint="retry the restore with --no-parallel-pages",
                 )
         return placed
 

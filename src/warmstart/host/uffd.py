@@ -90,6 +90,16 @@ def zeropage(fd: int, start: int, length: int) -> int:
     return _ioctl(fd, UFFDIO_ZEROPAGE, arg)
 
 
+def zero_range(fd: int, start: int, length: int) -> tuple[int, int]:
+    """UFFDIO_ZEROPAGE over a range: map the zero page there. Returns like :func:`copy`."""
+    arg = _Zeropage(range=_Range(start=start, len=length), mode=0, zeropage=0)
+    err = _ioctl(fd, UFFDIO_ZEROPAGE, arg)
+    done = arg.zeropage if arg.zeropage > 0 else 0
+    if err == 0:
+        done = length
+    return err, done
+
+
 def wake(fd: int, start: int, length: int) -> int:
     return _ioctl(fd, UFFDIO_WAKE, _Range(start=start, len=length))
 

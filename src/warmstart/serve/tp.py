@@ -185,7 +185,7 @@ def _report_failure(group: RankGroup | None, message: str) -> None:
 
 def _run_rank(group: RankGroup, args: argparse.Namespace, device: str) -> int:
     from warmstart.serve.engine import EngineConfig
-    from warmstart.serve.main import run_http
+    from warmstart.serve.main import prepare_http, run_http
     from warmstart.serve.tp_engine import TPEngine
 
     # Weights load before the first rendezvous: transformers' from_pretrained keeps a reference
@@ -211,6 +211,8 @@ def _run_rank(group: RankGroup, args: argparse.Namespace, device: str) -> int:
             engine.startup["warmup_s"] = time.perf_counter() - t0
         elif engine.follow() == "stop":
             return 0
+        # the leader imports and builds its HTTP app now, so a restored rank listens at once
+        app = prepare_http(engine, restored=lambda: group.restored, warm=False) if engine.leader else None
         if checkpoint:
             engine.quiesce()
             group.checkpoint_point(
@@ -232,7 +234,7 @@ def _run_rank(group: RankGroup, args: argparse.Namespace, device: str) -> int:
             return 0
         group.report("serving")
         run_http(engine, host=args.host, port=args.port, register_dir=args.register_dir,
-                 log_level=args.log_level, restored=lambda: group.restored)
+                 log_level=args.log_level, restored=lambda: group.restored, app=app)
         return 0
     finally:
         engine.close()  # the leader tells the followers to stop

@@ -134,6 +134,9 @@ class Manifest(_Model):
     compression: Literal["zstd", "lz4"] | None = None
     #: See :data:`Durability`; None in manifests written before it was recorded.
     durability: Durability | None = None
+    #: Bytes of the page images held as holes: runs of zero pages punched out
+    #: at checkpoint (warmstart.host.sparse). They read as zeros.
+    sparse_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:

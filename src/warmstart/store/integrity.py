@@ -15,11 +15,13 @@ import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import xxhash
 
 from warmstart.errors import SnapshotCorrupt
+from warmstart.host.sparse import HoleMap, ZeroRuns, punch_hole
 from warmstart.store.writeback import start_writeback
 
 ALGORITHM = "xxh3-128"
@@ -60,6 +62,8 @@ class _Follow:
     offset: int = 0
     piece: xxhash.xxh3_128 = field(default_factory=_hasher)
     pieces: list[str] = field(default_factory=list)
+    #: Set when zero runs are punched out of the file as it grows.
+    zeros: ZeroRuns | None = None
 
     def feed(self, data: memoryview) -> None:
         """Hash ``data`` (the bytes at ``offset``) into the file and piece digests."""
@@ -90,6 +94,9 @@ class FollowingDigester:
     hashed as they grow (CRIU writes ``pages-*.img`` strictly by appending);
     everything else is hashed whole at the end. Starting their write-back to
     disk is another job (:class:`warmstart.store.writeback.EarlyWriteback`).
+    With ``sparse=True`` runs of zeros in the followed files are punched out
+    as holes once read (:mod:`warmstart.host.sparse`): the bytes, and so the
+    digests, stay the same; :attr:`punched` counts what was freed.
 
     The growing files are hashed straight from the page cache through a
     read-only mapping (no copy into a buffer: half the CPU of ``read``, which
@@ -98,9 +105,11 @@ class FollowingDigester:
     truncates a page image, and the directory is our own staging directory.
     """
 
-    def __init__(self, root: Path, *, follow: str = "pages-*.img") -> None:
+    def __init__(self, root: Path, *, follow: str = "pages-*.img", sparse: bool = False) -> None:
         self.root = Path(root)
         self.follow = follow
+        self.sparse = sparse
+        self.punched = 0
         self._state: dict[Path, _Follow] = {}
         self._pieces: dict[str, list[str]] = {}
         self._stop = threading.Event()
@@ -111,8 +120,9 @@ class FollowingDigester:
         return self
 
     def _advance(self, path: Path) -> int:
-        st = self._state.setdefault(path, _Follow(_hasher()))
+        st = self._state.setdefault(path, _Follow(_hasher(), zeros=ZeroRuns() if self.sparse else None))
         moved = 0
+        runs: list[tuple[int, int]] = []
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             while st.offset < size:
@@ -124,9 +134,25 @@ class FollowingDigester:
                     view[st.offset - base :] as fresh,
                 ):
                     st.feed(fresh)
+                    if st.zeros is not None:
+                        runs += st.zeros.feed(st.offset, fresh)
                 moved += base + length - st.offset
                 st.offset = base + length
+        self._punch(path, runs)
         return moved
+
+    def _punch(self, path: Path, runs: list[tuple[int, int]]) -> None:
+        if not runs or not self.sparse:
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            for start, end in runs:
+                if not punch_hole(fd, start, end - start):
+                    self.sparse = False  # this filesystem keeps no holes: stop trying
+                    return
+                self.punched += end - start
+        finally:
+            os.close(fd)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -152,6 +178,8 @@ class FollowingDigester:
             if path in self._state or path.match(self.follow):
                 self._advance(path)
                 st = self._state[path]
+                if st.zeros is not None:
+                    self._punch(path, st.zeros.finish())
                 result[rel] = (st.offset, format_digest(st.hasher))
                 self._pieces[rel] = st.close_pieces()
             else:
@@ -205,13 +233,25 @@ class Expected:
 
 
 def _digest_range(path: Path, offset: int, length: int) -> str:
+    """The digest of ``length`` bytes at ``offset``; holes are hashed as the zeros they read as, unread."""
     h = _hasher()
     with open(path, "rb", buffering=0) as f:
-        if length:
-            with mmap.mmap(f.fileno(), length, prot=mmap.PROT_READ, offset=offset) as window:
+        holes = HoleMap(f.fileno(), offset + length)
+        for start, size, is_hole in holes.split(offset, length):
+            if is_hole:
+                for pos in range(0, size, _CHUNK):
+                    h.update(_zeros()[: min(_CHUNK, size - pos)])
+                continue
+            base = start - start % mmap.ALLOCATIONGRANULARITY
+            with mmap.mmap(f.fileno(), start + size - base, prot=mmap.PROT_READ, offset=base) as window:
                 with memoryview(window) as view:
-                    h.update(view)
+                    h.update(view[start - base :])
     return format_digest(h)
+
+
+@cache
+def _zeros() -> memoryview:
+    return memoryview(bytes(_CHUNK))
 
 
 def verify_files(root: Path, expected: Iterable[Expected], *, workers: int | None = None) -> int:
