@@ -85,7 +85,7 @@ def ours(
     env = {"WARMSTART_PORT": str(port)} if port else {}
     lazy = who == "lazy"
     request = RestoreRequest(control_dir=control, env=env, parallel_pages=parallel or lazy, lazy=lazy,
-                             prefetch=who == "prefetch")  # fmt: skip
+                             prefetch=who == "prefetch", verify=who != "noverify")  # fmt: skip
     t0 = time.perf_counter()
     r = restore(name, store=store, request=request)
     took = time.perf_counter() - t0
@@ -132,9 +132,10 @@ def main() -> None:
     ap.add_argument("--criu-pages", action="store_true",
                     help="warmstart without its page server (CRIU fills memory)")  # fmt: skip
     ap.add_argument("--modes", nargs="+", default=["naive", "warmstart", "lazy"],
-                    choices=["naive", "naive-dense", "warmstart", "lazy", "prefetch"],
+                    choices=["naive", "naive-dense", "warmstart", "lazy", "prefetch", "noverify"],
                     help="lazy: warmstart restore --lazy (runs while the pages are filled); "
-                         "prefetch: warmstart restore --prefetch")  # fmt: skip
+                         "prefetch: warmstart restore --prefetch; "
+                         "noverify: warmstart restore --no-verify (what the checksums cost)")  # fmt: skip
     args = ap.parse_args()
     gpu = args.model is not None and args.device.startswith("cuda")
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as d:

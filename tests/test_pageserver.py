@@ -199,3 +199,33 @@ def test_lazy_restore_whose_page_source_disappears_kills_the_worker(
         restore("gone", store=store, request=RestoreRequest(lazy=True, verify=False))
     assert not psutil.pid_exists(tree.pid) or psutil.Process(tree.pid).status() == psutil.STATUS_ZOMBIE
     assert not Tree(tree.state, None, tree.pid).alive()
+
+
+@pytest.mark.criu
+@pytest.mark.parametrize("lazy", [False, True], ids=["fill", "lazy"])
+def test_pages_are_checked_by_the_fill_and_a_bad_byte_kills_the_restore(
+    tree_factory, store_dir: Path, lazy: bool
+) -> None:
+    tree = tree_factory(mem_mib=96)
+    store = LocalStore(store_dir)
+    result = checkpoint(tree.pid, store=store, name="fc")
+    tree.popen.wait(timeout=10)
+    images = store.path_of("fc") / IMAGES_DIR
+    pm = read_pagemap(images, result.manifest.tree.root_pid)
+    ok = restore("fc", store=store, request=RestoreRequest(lazy=lazy))
+    try:  # every byte of the snapshot was checked, the pages image by the fill
+        verified = {p.name.strip(): p.bytes for p in ok.timer.phases}.get("verified")
+        assert verified == result.manifest.total_bytes
+    finally:
+        kill_tree(ok.pid)
+    run = max(pm.lazy_runs, key=lambda r: r.length)  # a byte only the page server copies
+    with open(pm.pages, "r+b") as f:
+        f.seek(run.offset + run.length // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x5A]))
+    with pytest.raises(SnapshotCorrupt, match="fails its checksum"):
+        restore("fc", store=store, request=RestoreRequest(lazy=lazy))
+    assert not psutil.pid_exists(result.manifest.tree.root_pid) or (
+        psutil.Process(result.manifest.tree.root_pid).status() == psutil.STATUS_ZOMBIE
+    )

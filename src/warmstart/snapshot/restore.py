@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -22,11 +23,11 @@ from typing import Protocol
 import psutil
 
 from warmstart import protocol
-from warmstart.errors import UsageError
+from warmstart.errors import SnapshotCorrupt, UsageError
 from warmstart.host import process as proc
 from warmstart.host import uffd
 from warmstart.host.criu import Criu, DumpOptions, RestoreOptions, find_criu
-from warmstart.host.pageserver import FillStats, PageServer, PagesSource
+from warmstart.host.pageserver import FillStats, PageServer, PagesSource, served_pages_images
 from warmstart.host.stats import RestoreStats
 from warmstart.snapshot import compat, hostinfo
 from warmstart.snapshot.gpu_state import GpuRestorePlan
@@ -35,7 +36,7 @@ from warmstart.snapshot.prefetch import Prefetch
 from warmstart.snapshot.timing import PhaseListener, Timer
 from warmstart.snapshot.unpack import unpack_view
 from warmstart.store.compress import open_pages
-from warmstart.store.integrity import PIECE_SIZE, Expected, verify_files
+from warmstart.store.integrity import PIECE_SIZE, Expected, check_piece, verify_files
 from warmstart.store.local import LocalStore
 
 
@@ -200,7 +201,15 @@ def restore(
         if criu_images != images:  # the unpacked view is only CRIU's to read
             stack.callback(shutil.rmtree, criu_images, ignore_errors=True)
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=2, thread_name_prefix="restore"))
-        verifying = pool.submit(_verify, incoming, path, expected) if request.verify else None
+        # Pages images the page server fills from are checked by the fill itself, piece by piece
+        # from the page cache it just read; everything else on a pool beside CRIU.
+        fill_check = (
+            _FillCheck.for_images(path, images, expected)
+            if parallel and request.verify and incoming is None and not manifest.compression
+            else None
+        )
+        rest = [e for e in expected if fill_check is None or e not in fill_check]
+        verifying = pool.submit(_verify, incoming, path, rest) if request.verify else None
         server = (
             stack.enter_context(
                 PageServer(
@@ -208,6 +217,8 @@ def restore(
                     run_dir,
                     threads=request.page_threads,
                     open_pages=incoming.open_pages if incoming else open_pages,
+                    check=fill_check,
+                    check_size=PIECE_SIZE,
                 )
             )
             if parallel
@@ -231,7 +242,7 @@ def restore(
             if incoming is not None and filling is None:
                 _wait_fetched(timer, incoming)
             if verifying is not None and filling is None:
-                _wait_verified(timer, verifying)
+                _wait_verified(timer, verifying, fill_check)
             if request.control_dir is not None:
                 _clear_markers(Path(request.control_dir))
             with timer.phase("resume"):
@@ -255,7 +266,7 @@ def restore(
                 if incoming is not None:
                     _wait_fetched(timer, incoming)
                 if verifying is not None:
-                    _wait_verified(timer, verifying)
+                    _wait_verified(timer, verifying, fill_check)
             if request.control_dir is not None:
                 with timer.phase("handover"):
                     _hand_over(manifest, request, dict(gpu_plan.pairs) if gpu_plan else {})
@@ -277,10 +288,40 @@ def restore(
     return RestoreResult(pid=root_pid, manifest=manifest, timer=timer, log=log)
 
 
-def _wait_verified(timer: Timer, verifying: Future[int]) -> None:
+def _wait_verified(timer: Timer, verifying: Future[int], fill_check: _FillCheck | None = None) -> None:
     with timer.phase("verify-wait"):
         verified = verifying.result()
-    timer.add("  verified", 0.0, verified)
+    timer.add("  verified", 0.0, verified + (fill_check.checked if fill_check else 0))
+
+
+class _FillCheck:
+    """The page server's per-piece check of the pages images it fills from (their piece digests)."""
+
+    def __init__(self, root: Path, by_image: dict[Path, Expected]) -> None:
+        self.root = root
+        self.by_image = by_image
+        self.checked = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_images(cls, root: Path, images: Path, expected: list[Expected]) -> _FillCheck | None:
+        served = served_pages_images(images)
+        by_image = {root / e.path: e for e in expected if e.pieces and root / e.path in served}
+        return cls(root, by_image) if by_image else None
+
+    def __contains__(self, e: Expected) -> bool:
+        return self.root / e.path in self.by_image
+
+    def __call__(self, image: Path, offset: int, length: int) -> None:
+        e = self.by_image.get(image)
+        if e is None:
+            return
+        if offset % PIECE_SIZE or length != min(PIECE_SIZE, e.size - offset):
+            raise SnapshotCorrupt(f"snapshot file {e.path} is not the size its manifest says",
+                                  hint="the snapshot is damaged; take a new one")  # fmt: skip
+        check_piece(self.root, e, offset // PIECE_SIZE)
+        with self._lock:
+            self.checked += length
 
 
 def _wait_fetched(timer: Timer, incoming: Incoming) -> None:

@@ -254,6 +254,21 @@ def _zeros() -> memoryview:
     return memoryview(bytes(_CHUNK))
 
 
+def check_piece(root: Path, e: Expected, index: int) -> int:
+    """Check piece ``index`` of a file with piece digests; return its length.
+
+    Raises :class:`SnapshotCorrupt` if it does not match. Holes are hashed as
+    the zeros they read as, without reading them."""
+    offset = index * PIECE_SIZE
+    length = min(PIECE_SIZE, e.size - offset)
+    if _digest_range(root / e.path, offset, length) != e.pieces[index]:
+        raise SnapshotCorrupt(
+            f"snapshot file {e.path} fails its checksum (bytes {offset}-{offset + length})",
+            hint="the snapshot is damaged; take a new one",
+        )
+    return length
+
+
 def verify_files(root: Path, expected: Iterable[Expected], *, workers: int | None = None) -> int:
     """Check every file's size and digest; return the bytes read.
 
@@ -262,16 +277,6 @@ def verify_files(root: Path, expected: Iterable[Expected], *, workers: int | Non
     page-cache reads release the GIL), so a large page image takes all cores.
     """
     items = sorted(expected, key=lambda e: -e.size)
-
-    def check_piece(e: Expected, index: int) -> int:
-        offset = index * PIECE_SIZE
-        length = min(PIECE_SIZE, e.size - offset)
-        if _digest_range(root / e.path, offset, length) != e.pieces[index]:
-            raise SnapshotCorrupt(
-                f"snapshot file {e.path} fails its checksum (bytes {offset}-{offset + length})",
-                hint="the snapshot is damaged; take a new one",
-            )
-        return length
 
     def check(e: Expected) -> int:
         path = root / e.path
@@ -305,4 +310,4 @@ def verify_files(root: Path, expected: Iterable[Expected], *, workers: int | Non
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify") as pool:
         total = sum(pool.map(check, items))  # sizes and whole-file digests first
         jobs = [(e, i) for e in items for i in range(len(e.pieces))]
-        return total + sum(pool.map(lambda job: check_piece(*job), jobs))
+        return total + sum(pool.map(lambda job: check_piece(root, *job), jobs))
