@@ -83,9 +83,9 @@ def ours(
     store: LocalStore, name: str, control: Path | None, port: int | None, parallel: bool, who: str
 ) -> tuple[float, int, dict[str, float], float | None]:
     env = {"WARMSTART_PORT": str(port)} if port else {}
-    lazy = who == "lazy"
+    lazy = who.startswith("lazy")
     request = RestoreRequest(control_dir=control, env=env, parallel_pages=parallel or lazy, lazy=lazy,
-                             prefetch=who == "prefetch", verify=who != "noverify")  # fmt: skip
+                             prefetch=who.endswith("prefetch"), verify=who != "noverify")  # fmt: skip
     t0 = time.perf_counter()
     r = restore(name, store=store, request=request)
     took = time.perf_counter() - t0
@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--criu-pages", action="store_true",
                     help="warmstart without its page server (CRIU fills memory)")  # fmt: skip
     ap.add_argument("--modes", nargs="+", default=["naive", "warmstart", "lazy"],
-                    choices=["naive", "naive-dense", "warmstart", "lazy", "prefetch", "noverify"],
+                    choices=["naive", "naive-dense", "warmstart", "lazy", "prefetch", "lazy+prefetch", "noverify"],
                     help="lazy: warmstart restore --lazy (runs while the pages are filled); "
                          "prefetch: warmstart restore --prefetch; "
                          "noverify: warmstart restore --no-verify (what the checksums cost)")  # fmt: skip

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from warmstart.host.residency import PAGE, evict, mapped_files, prefetch, resident_ranges
+from warmstart.host.residency import PAGE, evict, mapped_files, missing_ranges, prefetch, resident_ranges
 
 
 def test_resident_ranges_follow_the_page_cache_and_prefetch_reads_them_back(tmp_path: Path) -> None:
@@ -82,3 +82,29 @@ def test_a_snapshot_records_its_trees_resident_file_pages(tree_factory, store_di
         assert restored.pid == tree.pid
     finally:
         kill_tree(restored.pid)
+
+
+def test_missing_ranges_are_the_spans_less_what_the_cache_holds(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(64 * PAGE))
+    evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # read exactly what is asked
+        os.pread(fd, 4 * PAGE, 8 * PAGE)
+        os.pread(fd, 2 * PAGE, 40 * PAGE)
+    finally:
+        os.close(fd)
+    spans = [(2 * PAGE, 20 * PAGE), (30 * PAGE, 30 * PAGE)]
+    missing = missing_ranges(str(path), spans)
+    resident = resident_ranges(str(path), spans)
+    assert resident is not None
+
+    def pages(ranges: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> set[int]:
+        return {p for off, n in ranges for p in range(off // PAGE, (off + n) // PAGE)}
+
+    # every page of the spans is either missing or resident, never both
+    assert pages(missing) | pages(resident.ranges) == pages(spans)
+    assert not pages(missing) & pages(resident.ranges)
+    assert {8, 9, 10, 11, 40, 41} <= pages(resident.ranges)
+    assert missing  # most of it was never read

@@ -126,6 +126,31 @@ def resident_ranges(path: str, spans: list[tuple[int, int]]) -> FileRanges | Non
         os.close(fd)
 
 
+def missing_ranges(path: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ``spans`` (sorted, disjoint) of ``path`` that are not in the page cache."""
+    resident = resident_ranges(path, spans)
+    if resident is None:
+        return list(spans)
+    out: list[tuple[int, int]] = []
+    have = list(resident.ranges)
+    i = 0
+    for off, length in spans:
+        pos, end = off, off + length
+        while i < len(have) and have[i][0] + have[i][1] <= pos:
+            i += 1
+        j = i
+        while pos < end:
+            if j == len(have) or have[j][0] >= end:
+                out.append((pos, end - pos))
+                break
+            r_start, r_end = have[j][0], have[j][0] + have[j][1]
+            if r_start > pos:
+                out.append((pos, r_start - pos))
+            pos = max(pos, r_end)
+            j += 1
+    return out
+
+
 def resident_files(pids: Iterable[int]) -> list[FileRanges]:
     """Every mapped file of ``pids`` with at least one resident page."""
     out = []

@@ -27,7 +27,8 @@ from warmstart.errors import SnapshotCorrupt, UsageError
 from warmstart.host import process as proc
 from warmstart.host import uffd
 from warmstart.host.criu import Criu, DumpOptions, RestoreOptions, find_criu
-from warmstart.host.pageserver import FillStats, PageServer, PagesSource, served_pages_images
+from warmstart.host.filereads import FileReadahead
+from warmstart.host.pageserver import FillStats, PageServer, PagesSource, served_pages_images, task_pids
 from warmstart.host.stats import RestoreStats
 from warmstart.snapshot import compat, hostinfo
 from warmstart.snapshot.gpu_state import GpuRestorePlan
@@ -226,6 +227,8 @@ def restore(
         )
         filling: Future[FillStats] | None = None
         readahead: Prefetch | None = None
+        # What CRIU will read of the tree's own files (lookups, copy-on-write pages): ahead of it.
+        file_reads = FileReadahead(criu_images, sorted(task_pids(criu_images))).start()
         filled_bytes = 0
         try:
             with timer.phase("criu-restore"):
@@ -283,6 +286,8 @@ def restore(
             raise
     if not manifest.compression:
         timer.set_bytes("criu-restore", manifest.total_bytes - filled_bytes)
+    if file_reads.done.is_set():
+        timer.add("  file-readahead", 0.0, file_reads.bytes)
     if readahead is not None and readahead.done.is_set():
         timer.add("  prefetch", 0.0, readahead.requested)
     return RestoreResult(pid=root_pid, manifest=manifest, timer=timer, log=log)
