@@ -18,6 +18,7 @@ merged into runs. It changes nothing CRIU reads; it only fills the caches.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import threading
@@ -88,13 +89,17 @@ def copy_on_write_reads(images: Path, pids: list[int]) -> dict[str, list[tuple[i
         vmas = private_file_vmas(images, pid)
         if not vmas:
             continue
+        starts = [v.start for v in vmas]
         for run in read_pagemap(images, pid).runs:
             if not run.flags & PE_PRESENT or run.lazy:
                 continue  # lazy pages are anonymous memory: no file under them
-            for vma in vmas:
+            i = max(0, bisect.bisect_right(starts, run.vaddr) - 1)
+            while i < len(vmas) and vmas[i].start < run.end:  # mappings never overlap
+                vma = vmas[i]
                 lo, hi = max(run.vaddr, vma.start), min(run.end, vma.end)
                 if lo < hi and vma.file_id in files:
                     spans.setdefault(files[vma.file_id], []).append((vma.pgoff + lo - vma.start, hi - lo))
+                i += 1
     return {path: _merge(ranges) for path, ranges in spans.items()}
 
 
