@@ -54,6 +54,9 @@ SOCKET_NAME = "lazy-pages.socket"
 RESTORE_FINISHED = 0x52535446
 #: Bytes one fill job reads and copies at a time.
 DEFAULT_CHUNK = 8 << 20
+#: Synchronous reads the readahead keeps in flight: enough to keep a disk busy, few
+#: enough that CRIU's own small reads never queue behind much.
+READAHEAD_THREADS = 4
 #: Bytes served around a faulting address (prefetch for the fault's neighbours).
 FAULT_CHUNK = 256 << 10
 
@@ -275,34 +278,43 @@ class PageServer:
 
         With a cold page cache the restore is bound by the disk, and CRIU's
         part is a long series of small reads (file metadata, the pages it
-        restores itself): this thread keeps the disk busy meanwhile, with
-        one synchronous 8 MiB read at a time, so CRIU's reads never wait
-        behind a deep queue (readahead requests through ``WILLNEED`` did
-        that: 0.6 s for one ``open``). Holes and pages already in the cache
-        are skipped. An optimisation only: any error just ends it.
+        restores itself): these threads keep the disk busy meanwhile, each
+        with one synchronous 8 MiB read at a time, in file order, so CRIU's
+        reads never wait behind a deep queue (readahead requests through
+        ``WILLNEED`` did that: 0.6 s for one ``open``). Holes and pages
+        already in the cache are skipped. An optimisation only: any error
+        just ends it.
         """
         try:
             maps = [read_pagemap(self.images, pid) for pid in sorted(self.expected_pids())]
             order = [(m.pages, [r for r in m.runs if not r.lazy and r.flags & PE_PRESENT]) for m in maps]
             order += [(m.pages, m.lazy_runs) for m in maps]
-            buf = bytearray(self.chunk)
+            jobs: list[tuple[Path, int, int]] = []
             for path, runs in order:
-                if self._stop.is_set() or not runs or not path.exists():
+                if not runs or not path.exists():
                     continue
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    holes = HoleMap(fd, os.fstat(fd).st_size)
-                    data = [(o, n) for r in runs for o, n, hole in holes.split(r.offset, r.length) if not hole]
-                    for offset, length in missing_ranges(str(path), data):
-                        for pos in range(offset, offset + length, self.chunk):
-                            if self._stop.is_set():
-                                return
-                            n = min(self.chunk, offset + length - pos)
-                            os.preadv(fd, [memoryview(buf)[:n]], pos)
-                finally:
-                    os.close(fd)
+                with open(path, "rb", buffering=0) as f:
+                    holes = HoleMap(f.fileno(), os.fstat(f.fileno()).st_size)
+                data = [(o, n) for r in runs for o, n, hole in holes.split(r.offset, r.length) if not hole]
+                for offset, length in missing_ranges(str(path), data):
+                    jobs += [(path, pos, min(self.chunk, offset + length - pos))
+                             for pos in range(offset, offset + length, self.chunk)]  # fmt: skip
+            with ThreadPoolExecutor(READAHEAD_THREADS, thread_name_prefix="pages-readahead") as pool:
+                list(pool.map(lambda job: self._read_piece(*job), jobs))
         except Exception as exc:  # noqa: BLE001
             log.debug("page server: readahead stopped: %s", exc)
+
+    def _read_piece(self, path: Path, offset: int, length: int) -> None:
+        if self._stop.is_set():
+            return
+        buf: bytearray | None = getattr(self._local, "readahead", None)
+        if buf is None:
+            buf = self._local.readahead = bytearray(self.chunk)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.preadv(fd, [memoryview(buf)[:length]], offset)
+        finally:
+            os.close(fd)
 
     # -- receiving userfaultfds ------------------------------------------
     def _accept_loop(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -79,19 +80,15 @@ def _libc() -> ctypes.CDLL:
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
+_RESIDENT = bytes(i & 1 for i in range(256))  # mincore: bit 0 of each byte says resident
+
+
 def _runs(flags: bytes, base: int) -> list[tuple[int, int]]:
     """(offset, length) of the resident pages in a mincore vector starting at ``base``."""
-    out: list[tuple[int, int]] = []
-    start = None
-    for i, flag in enumerate(flags):
-        if flag & 1 and start is None:
-            start = i
-        elif not flag & 1 and start is not None:
-            out.append((base + start * PAGE, (i - start) * PAGE))
-            start = None
-    if start is not None:
-        out.append((base + start * PAGE, (len(flags) - start) * PAGE))
-    return out
+    return [
+        (base + m.start() * PAGE, (m.end() - m.start()) * PAGE)
+        for m in re.finditer(rb"\x01+", flags.translate(_RESIDENT))
+    ]
 
 
 def resident_ranges(path: str, spans: list[tuple[int, int]]) -> FileRanges | None:
