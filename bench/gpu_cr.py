@@ -91,7 +91,8 @@ def ours(work: Path, gib: float) -> dict[str, float]:
     store.remove("bench")
     return {"gpu_checkpoint": phases.get("gpu-checkpoint", 0), "checkpoint": c.timer.total,
             "criu_restore": phases["r_criu-restore"], "gpu_restore": phases.get("r_gpu-restore", 0),
-            "restore": r.timer.total, "device_bytes": float(c.manifest.gpus[0].device_memory_bytes)}  # fmt: skip
+            "restore": r.timer.total, "device_bytes": float(c.manifest.gpus[0].device_memory_bytes),
+            "phases": phases}  # fmt: skip
 
 
 def main() -> None:
@@ -121,6 +122,8 @@ def main() -> None:
             print(f"{gib:>5} {w['device_bytes'] / 1e9:>7.2f} {n['checkpoint']:>10.2f} {w['checkpoint']:>8.2f} "
                   f"{r['checkpoint_ratio']:>6.2f} {n['restore']:>9.2f} {w['restore']:>7.2f} "
                   f"{r['restore_ratio']:>6.2f} {gbs:>12.2f}", flush=True)  # fmt: skip
+            print("       warmstart phases: " + ", ".join(f"{k} {v:.2f}" for k, v in w["phases"].items() if v >= 0.01),
+                  flush=True)  # fmt: skip
     if args.json:
         print(json.dumps(rows, indent=2))
 

@@ -79,3 +79,17 @@ def test_unknown_field_refused() -> None:
     raw = {"format_version": 1, "surprise": True}
     with pytest.raises(SnapshotCorrupt):
         Manifest.from_json(json.dumps(raw))
+
+
+def test_a_stopped_timer_keeps_its_total() -> None:
+    import time
+
+    from warmstart.snapshot.timing import Timer
+
+    timer = Timer()
+    with timer.phase("work"):
+        time.sleep(0.01)
+    timer.stop()
+    total = timer.total
+    time.sleep(0.05)
+    assert timer.total == total >= 0.01

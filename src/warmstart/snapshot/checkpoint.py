@@ -306,4 +306,5 @@ def checkpoint(
         raise
     finally:
         guard.done()
+    timer.stop()
     return CheckpointResult(manifest=manifest, path=path, timer=timer)

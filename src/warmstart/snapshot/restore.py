@@ -290,6 +290,7 @@ def restore(
         timer.add("  file-readahead", 0.0, file_reads.bytes)
     if readahead is not None and readahead.done.is_set():
         timer.add("  prefetch", 0.0, readahead.requested)
+    timer.stop()
     return RestoreResult(pid=root_pid, manifest=manifest, timer=timer, log=log)
 
 

@@ -159,6 +159,7 @@ def restore_streaming(
         timer.add("  fetch overlapped", _overlap_seconds(pull.stats), pull.stats.overlapped_bytes)
     else:
         path = local.path_of(local_name)
+    timer.stop()
     return StreamedRestore(local_name, result, path, pull.stats, overlapped, events)
 
 

@@ -37,6 +37,13 @@ class Timer:
             p.model_copy(update={"bytes": nbytes}) if p.name == name else p for p in self.phases
         ]
 
+    ended: float | None = None
+
+    def stop(self) -> None:
+        """The operation is over: :attr:`total` stops growing (a later call moves the end)."""
+        self.ended = time.perf_counter()
+
     @property
     def total(self) -> float:
-        return time.perf_counter() - self.started
+        """Seconds from the start to :meth:`stop` (until then, to now)."""
+        return (self.ended or time.perf_counter()) - self.started
