@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from _support import Tree
 from warmstart.host.process import kill_tree
-from warmstart.host.sparse import MIN_HOLE, HoleMap, ZeroRuns, punch_hole
+from warmstart.host.sparse import MIN_HOLE, HoleMap, ZeroRuns, punch_hole, write_sparse
 from warmstart.snapshot.checkpoint import CheckpointOptions, checkpoint
 from warmstart.snapshot.manifest import IMAGES_DIR
 from warmstart.snapshot.restore import RestoreRequest, restore
@@ -179,3 +179,54 @@ def test_sparse_off_keeps_every_zero_page_as_data(tree_factory, store_dir: Path)
     assert result.manifest.sparse_bytes == 0
     images = store.path_of("dense") / IMAGES_DIR
     assert not any(HoleMap.of(p) for p in images.glob("pages-*.img"))
+
+
+@settings(max_examples=30, deadline=None)
+@given(layout=layouts, at=st.integers(0, 3), stale=st.booleans())
+def test_write_sparse_keeps_the_bytes_and_leaves_zero_blocks_as_holes(
+    tmp_path_factory, layout, at: int, stale: bool
+) -> None:
+    where = tmp_path_factory.mktemp("ws")
+    if not _holes_supported(where):
+        pytest.skip("no holes on this filesystem")
+    data = _render(layout, tail=777)
+    offset = at * 4096  # a chunk need not start on a block
+    path = where / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        os.ftruncate(fd, offset + len(data))
+        if stale:  # an earlier, different write there: must not show through
+            os.pwrite(fd, b"\xee" * len(data), offset)
+        write_sparse(fd, data, offset)
+    finally:
+        os.close(fd)
+    assert path.read_bytes()[offset:] == data
+    holes = HoleMap.of(path)
+    for start, size, hole in holes.split(offset, len(data)):
+        if hole:  # only zeros went into holes
+            assert data[start - offset : start - offset + size] == bytes(size)
+    if offset == 0:  # blocks line up: every zero block is a hole
+        for i, kind in enumerate(layout):
+            if kind == 0:
+                assert holes.is_hole(i * BLOCK, BLOCK)
+
+
+@pytest.mark.criu
+def test_a_pulled_snapshot_keeps_its_holes(tree_factory, tmp_path: Path) -> None:
+    from warmstart.store.remote import RemoteStore
+    from warmstart.store.signing import TrustPolicy
+
+    tree = tree_factory(mem_mib=4, zero_mib=32)
+    src, dst = LocalStore(tmp_path / "a"), LocalStore(tmp_path / "b")
+    result = checkpoint(tree.pid, store=src, name="s")
+    tree.popen.wait(timeout=10)
+    if not result.manifest.sparse_bytes:
+        pytest.skip("the store's filesystem keeps no holes")
+    remote = RemoteStore.open(f"file://{tmp_path / 'remote'}")
+    remote.push(src, "s")
+    pulled = remote.pull("s", dst, trust=TrustPolicy([]))
+    for original in (src.path_of("s") / IMAGES_DIR).glob("pages-*.img"):
+        copy = pulled.path / IMAGES_DIR / original.name
+        assert copy.read_bytes() == original.read_bytes()
+        assert HoleMap.of(copy).hole_bytes >= HoleMap.of(original).hole_bytes // 2
+    assert sum(HoleMap.of(p).hole_bytes for p in (pulled.path / IMAGES_DIR).glob("pages-*.img")) >= 24 << 20

@@ -157,3 +157,27 @@ class HoleMap:
             yield h_start, h_end - h_start, True
             pos = h_end
             i += 1
+
+
+def write_sparse(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """``pwrite`` all of ``data`` at ``offset``, leaving its whole zero blocks as holes.
+
+    Zero runs are punched rather than skipped, so whatever the file held there
+    before reads as zeros afterwards; where the filesystem keeps no holes they
+    are written like the rest. Raises OSError like ``pwrite``.
+    """
+    view = memoryview(data).cast("B")
+    finder = ZeroRuns()
+    runs = finder.feed(offset, view) + finder.finish()
+    pos = offset
+    for start, end in [*runs, (offset + len(view), offset + len(view))]:
+        _pwrite_all(fd, view[pos - offset : start - offset], pos)
+        if end > start and not punch_hole(fd, start, end - start):
+            _pwrite_all(fd, view[start - offset : end - offset], start)
+        pos = end
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n

@@ -45,6 +45,7 @@ import blake3
 from pydantic import ValidationError
 
 from warmstart.errors import NotFoundError, SnapshotCorrupt, StoreError, UsageError
+from warmstart.host.sparse import write_sparse
 from warmstart.snapshot.manifest import MANIFEST_NAME, Manifest
 from warmstart.store.backend import Backend, ObjectExists, ObjectInfo, ObjectMissing, open_backend
 from warmstart.store.chunking import DEFAULT_PARAMS, ChunkParams, chunks
@@ -609,11 +610,8 @@ class RemoteStore:
                     progress.advance(ref.size)
                     return
             data = fetch(ref, where)
-            view = memoryview(data)
             try:
-                while view:
-                    n = os.pwrite(fd, view, offset)
-                    view, offset = view[n:], offset + n
+                write_sparse(fd, data, offset)  # zero runs stay holes, as at checkpoint
             except OSError as exc:
                 raise StoreError(
                     f"cannot write {staging.path / where}: {exc.strerror}",

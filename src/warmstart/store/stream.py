@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from warmstart.errors import SnapshotCorrupt, StoreError, WarmstartError
+from warmstart.host.sparse import write_sparse
 from warmstart.snapshot.manifest import MANIFEST_NAME, Manifest
 from warmstart.store.compress import CODECS, CompressedPages, suffix
 from warmstart.store.index import ChunkRef, FileRef, SnapshotIndex
@@ -331,11 +332,8 @@ class StreamingPull:
                 self.progress.advance(ref.size)
                 return
         data = self._fetch(ref, f.ref.path)
-        view = memoryview(data)
         try:
-            while view:
-                n = os.pwrite(f.fd, view, offset)
-                view, offset = view[n:], offset + n
+            write_sparse(f.fd, data, offset)  # zero runs stay holes, as at checkpoint
         except OSError as exc:
             raise StoreError(
                 f"cannot write {self.path / f.ref.path}: {exc.strerror}",
