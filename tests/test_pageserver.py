@@ -229,3 +229,32 @@ def test_pages_are_checked_by_the_fill_and_a_bad_byte_kills_the_restore(
     assert not psutil.pid_exists(result.manifest.tree.root_pid) or (
         psutil.Process(result.manifest.tree.root_pid).status() == psutil.STATUS_ZOMBIE
     )
+
+
+@pytest.mark.criu
+def test_snapshot_in_a_tmpfs_store_restores_every_byte(tree_factory, tmp_path: Path) -> None:
+    """The tmpfs mode: a store on tmpfs (images pre-populated in memory), holes included."""
+    import shutil
+    import uuid
+
+    shm = Path("/dev/shm")
+    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    if not any(m[1] == str(shm) and m[2] == "tmpfs" for m in mounts if len(m) > 2):
+        pytest.skip("no tmpfs at /dev/shm")
+    root = shm / f"warmstart-test-{uuid.uuid4().hex[:8]}"
+    try:
+        tree = tree_factory(mem_mib=32, zero_mib=16)
+        before = tree.digests()
+        store = LocalStore(root)
+        result = checkpoint(tree.pid, store=store, name="shm")
+        tree.popen.wait(timeout=10)
+        assert result.manifest.sparse_bytes > 0  # tmpfs keeps holes too
+        restored = restore("shm", store=store)
+        try:
+            back = Tree(tree.state, None, restored.pid)
+            back.wait_progress()
+            assert back.digests() == before
+        finally:
+            kill_tree(restored.pid)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
