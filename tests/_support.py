@@ -74,6 +74,18 @@ class Tree:
             self.popen.wait(timeout=10)
 
 
+def assert_continues(tree: Tree, pid: int, before: dict) -> None:
+    """The restored copy of ``tree`` (``pid``) runs on with the digests it had ``before``; then it is killed."""
+    from warmstart.host.process import kill_tree
+
+    try:
+        back = Tree(tree.state, None, pid)
+        back.wait_progress()
+        assert back.digests() == before
+    finally:
+        kill_tree(pid)
+
+
 def start_tree(state: Path, mem_mib: int = 16, zero_mib: int = 0) -> Tree:
     state.mkdir(parents=True, exist_ok=True)
     popen = subprocess.Popen(

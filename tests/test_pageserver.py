@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _support import Tree
+from _support import Tree, assert_continues
 from warmstart.errors import CriuError, SnapshotCorrupt
 from warmstart.host.process import kill_tree
 from warmstart.host.pagemap import PAGE_SIZE, PE_LAZY, PE_PRESENT, PageRun, read_pagemap, read_vmas, split_at_vmas
@@ -93,12 +93,7 @@ def test_compressed_snapshot_restores_the_same_memory(
     raw = sum(r.length for r in read_pagemap(images, tree.pid).runs if r.flags & PE_PRESENT)
     assert result.manifest.total_bytes < raw  # the patterned memory compresses
     restored = restore("z", store=store, request=RestoreRequest(parallel_pages=parallel))
-    try:
-        back = Tree(tree.state, None, restored.pid)
-        back.wait_progress()
-        assert back.digests() == before
-    finally:
-        kill_tree(restored.pid)
+    assert_continues(tree, restored.pid, before)
 
 
 @pytest.mark.criu
@@ -250,11 +245,6 @@ def test_snapshot_in_a_tmpfs_store_restores_every_byte(tree_factory, tmp_path: P
         tree.popen.wait(timeout=10)
         assert result.manifest.sparse_bytes > 0  # tmpfs keeps holes too
         restored = restore("shm", store=store)
-        try:
-            back = Tree(tree.state, None, restored.pid)
-            back.wait_progress()
-            assert back.digests() == before
-        finally:
-            kill_tree(restored.pid)
+        assert_continues(tree, restored.pid, before)
     finally:
         shutil.rmtree(root, ignore_errors=True)

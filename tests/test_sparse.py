@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _support import Tree
+from _support import assert_continues
 from warmstart.host.process import kill_tree
 from warmstart.host.sparse import MIN_HOLE, HoleMap, ZeroRuns, punch_hole, write_sparse
 from warmstart.snapshot.checkpoint import CheckpointOptions, checkpoint
@@ -162,12 +162,7 @@ def test_sparse_snapshot_restores_every_byte(tree_factory, store_dir: Path, lazy
     assert result.manifest.sparse_bytes >= 40 << 20  # the zeros, less the blocks with a data byte
     assert sum(HoleMap.of(p).hole_bytes for p in images.glob("pages-*.img")) == result.manifest.sparse_bytes
     restored = restore("sparse", store=store, request=RestoreRequest(lazy=lazy))
-    try:
-        back = Tree(tree.state, None, restored.pid)
-        back.wait_progress()
-        assert back.digests() == before
-    finally:
-        kill_tree(restored.pid)
+    assert_continues(tree, restored.pid, before)
 
 
 @pytest.mark.criu

@@ -482,9 +482,29 @@ class PageServer:
         return placed
 
     def _zero(self, task: _Task, start: int, end: int, *, wait: bool) -> int:
+        def call(pos: int) -> tuple[int, int]:
+            return uffd.zero_range(task.fd, start + pos, end - start - pos)
+
+        return self._place(task, end - start, call, "mapping zero pages into", wait=wait)
+
+    def _place(
+        self,
+        task: _Task,
+        length: int,
+        call: Callable[[int], tuple[int, int]],
+        what: str,
+        *,
+        wait: bool,
+        on_efault: Callable[[int], int] | None = None,
+    ) -> int:
+        """Repeat a ``UFFDIO_*`` call until ``length`` bytes are placed; return the bytes placed.
+
+        ``call(pos)`` places the range from ``pos`` on and returns (errno or 0,
+        bytes done). Pages already there are stepped over; ``on_efault(pos)``
+        takes over the rest where the source could not be read."""
         placed = pos = 0
-        while pos < end - start:
-            err, done = uffd.zero_range(task.fd, start + pos, end - start - pos)
+        while pos < length:
+            err, done = call(pos)
             pos += done
             placed += done
             if err == 0:
@@ -494,12 +514,14 @@ class PageServer:
             elif err == errno.EAGAIN and not wait:
                 raise _LayoutChanging
             elif err == errno.EAGAIN:
-                time.sleep(0.0005)
+                time.sleep(0.0005)  # layout events pending: let the event loop read them
+            elif err == errno.EFAULT and on_efault is not None:
+                return placed + on_efault(pos)
             elif err in (errno.ENOENT, errno.ESRCH, errno.EFAULT):
                 break  # the range or the task is gone
             else:
                 raise CriuError(
-                    f"mapping zero pages into PID {task.pid} failed: {os.strerror(err)}",
+                    f"{what} PID {task.pid} failed: {os.strerror(err)}",
                     hint="retry the restore with --no-parallel-pages",
                 )
         return placed
@@ -536,30 +558,16 @@ class PageServer:
                     hint="the snapshot is damaged; take a new one",
                 )
             src = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-        placed = pos = 0
-        while pos < length:
-            err, copied = uffd.copy(task.fd, start + pos, src + pos, length - pos)
-            pos += copied
-            placed += copied
-            if err == 0:
-                break
-            if err == errno.EEXIST:
-                pos += PAGE_SIZE  # already there (a fault beat us to it)
-            elif err == errno.EAGAIN and not wait:
-                raise _LayoutChanging
-            elif err == errno.EAGAIN:
-                time.sleep(0.0005)  # layout events pending: let the event loop read them
-            elif err == errno.EFAULT and not buffered:
-                # The mapped image could not be read (it shrank?): read the rest, which says why.
-                return placed + self._copy_data(task, run, start + pos, end, buf, buffered=True, wait=wait)
-            elif err in (errno.ENOENT, errno.ESRCH, errno.EFAULT):
-                break  # the range or the task is gone
-            else:
-                raise CriuError(
-                    f"copying pages into PID {task.pid} failed: {os.strerror(err)}",
-                    hint="retry the restore with --no-parallel-pages",
-                )
-        return placed
+        source: int = src
+
+        def call(pos: int) -> tuple[int, int]:
+            return uffd.copy(task.fd, start + pos, source + pos, length - pos)
+
+        def reread(pos: int) -> int:  # the mapped image could not be read (it shrank?): read it, which says why
+            return self._copy_data(task, run, start + pos, end, buf, buffered=True, wait=wait)
+
+        return self._place(task, length, call, "copying pages into", wait=wait,
+                           on_efault=None if buffered else reread)  # fmt: skip
 
     def _jobs(self) -> Iterator[tuple[_Task, PageRun, int, int]]:
         with self._lock:
