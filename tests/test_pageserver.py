@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import psutil
@@ -36,8 +37,10 @@ def test_pagemap_accounts_for_every_byte_of_the_pages_image(tree_factory, store_
 
 
 @pytest.mark.criu
-def test_missing_pages_fail_the_restore_and_nothing_runs(tree_factory, store_dir: Path) -> None:
+def test_missing_pages_fail_the_restore_and_nothing_runs(tree_factory, store_dir: Path, monkeypatch) -> None:
     """A page source that cannot deliver must fail the restore, never hand out zeros."""
+    # restore refuses a file of the wrong size up front; take that away to reach the page server
+    monkeypatch.setattr("warmstart.snapshot.restore.check_size", lambda root, e: None)
     tree = tree_factory(mem_mib=64)
     store = LocalStore(store_dir)
     result = checkpoint(tree.pid, store=store, name="short")
@@ -248,3 +251,18 @@ def test_snapshot_in_a_tmpfs_store_restores_every_byte(tree_factory, tmp_path: P
         assert_continues(tree, restored.pid, before)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.criu
+def test_a_shortened_pages_image_is_refused_by_size_and_nothing_runs(tree_factory, store_dir: Path) -> None:
+    tree = tree_factory(mem_mib=96)
+    store = LocalStore(store_dir)
+    result = checkpoint(tree.pid, store=store, name="short")
+    tree.popen.wait(timeout=10)
+    pm = read_pagemap(store.path_of("short") / IMAGES_DIR, result.manifest.tree.root_pid)
+    os.truncate(pm.pages, pm.pages.stat().st_size - (70 << 20))  # more than a whole 64 MiB piece
+    with pytest.raises(SnapshotCorrupt, match="bytes, manifest says"):
+        restore("short", store=store)
+    assert not psutil.pid_exists(result.manifest.tree.root_pid) or (
+        psutil.Process(result.manifest.tree.root_pid).status() == psutil.STATUS_ZOMBIE
+    )

@@ -37,7 +37,7 @@ from warmstart.snapshot.prefetch import Prefetch
 from warmstart.snapshot.timing import PhaseListener, Timer
 from warmstart.snapshot.unpack import unpack_view
 from warmstart.store.compress import open_pages
-from warmstart.store.integrity import PIECE_SIZE, Expected, check_piece, verify_files
+from warmstart.store.integrity import PIECE_SIZE, Expected, check_piece, check_size, verify_files
 from warmstart.store.local import LocalStore
 
 
@@ -173,6 +173,13 @@ def restore(
         path = incoming.path if incoming else store.path_of(name)
         manifest = (incoming.manifest if incoming else None) or Manifest.load(path)
         gpu_plan = _check(manifest, request, criu)
+        expected = [
+            Expected(f.path, f.size, f.digest, tuple(f.pieces) if f.piece_size == PIECE_SIZE else ())
+            for f in manifest.files
+        ]
+        if incoming is None:  # a file of the wrong size is refused before CRIU reads it (a short
+            for e in expected:  # pages image makes CRIU 4.1 spin, writing its log until the disk is full)
+                check_size(path, e)
     run_dir = _run_dir(name)
     log = run_dir / "restore.log"
     parallel = _use_parallel_pages(request)
@@ -186,10 +193,6 @@ def restore(
         lazy_pages=parallel,
         work_dir=run_dir if parallel else None,
     )
-    expected = [
-        Expected(f.path, f.size, f.digest, tuple(f.pieces) if f.piece_size == PIECE_SIZE else ())
-        for f in manifest.files
-    ]
     root_pid: int | None = None
     images = path / IMAGES_DIR
     criu_images = images
@@ -312,7 +315,7 @@ class _FillCheck:
     @classmethod
     def for_images(cls, root: Path, images: Path, expected: list[Expected]) -> _FillCheck | None:
         served = served_pages_images(images)
-        by_image = {root / e.path: e for e in expected if e.pieces and root / e.path in served}
+        by_image = {root / e.path: e for e in expected if root / e.path in served and _whole(root, e)}
         return cls(root, by_image) if by_image else None
 
     def __contains__(self, e: Expected) -> bool:
@@ -328,6 +331,11 @@ class _FillCheck:
         check_piece(self.root, e, offset // PIECE_SIZE)
         with self._lock:
             self.checked += length
+
+
+def _whole(root: Path, e: Expected) -> bool:
+    """Whether a file has all its piece digests (else the full check beside CRIU says what is wrong)."""
+    return bool(e.pieces) and len(e.pieces) == -(-e.size // PIECE_SIZE)
 
 
 def _wait_fetched(timer: Timer, incoming: Incoming) -> None:

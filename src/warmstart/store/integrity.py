@@ -254,6 +254,21 @@ def _zeros() -> memoryview:
     return memoryview(bytes(_CHUNK))
 
 
+def check_size(root: Path, e: Expected) -> None:
+    """Raise :class:`SnapshotCorrupt` if a snapshot file is missing or not the size its manifest says."""
+    try:
+        size = (root / e.path).stat().st_size
+    except FileNotFoundError:
+        raise SnapshotCorrupt(
+            f"snapshot file {e.path} is missing", hint="the snapshot is damaged; take a new one"
+        ) from None
+    if size != e.size:
+        raise SnapshotCorrupt(
+            f"snapshot file {e.path} has {size} bytes, manifest says {e.size}",
+            hint="the snapshot is damaged; take a new one",
+        )
+
+
 def check_piece(root: Path, e: Expected, index: int) -> int:
     """Check piece ``index`` of a file with piece digests; return its length.
 
@@ -280,17 +295,7 @@ def verify_files(root: Path, expected: Iterable[Expected], *, workers: int | Non
 
     def check(e: Expected) -> int:
         path = root / e.path
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise SnapshotCorrupt(
-                f"snapshot file {e.path} is missing", hint="the snapshot is damaged; take a new one"
-            ) from None
-        if st.st_size != e.size:
-            raise SnapshotCorrupt(
-                f"snapshot file {e.path} has {st.st_size} bytes, manifest says {e.size}",
-                hint="the snapshot is damaged; take a new one",
-            )
+        check_size(root, e)
         if e.pieces:
             if len(e.pieces) != -(-e.size // PIECE_SIZE):
                 raise SnapshotCorrupt(
