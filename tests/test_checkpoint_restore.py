@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import signal
 import subprocess
 from pathlib import Path
@@ -132,3 +133,21 @@ def test_killing_warmstart_mid_dump_leaves_original_running(tree_factory, store_
     assert [e.name for e in store.entries()] == []
     store.sweep()
     assert list((store_dir / ".staging").iterdir()) == []
+
+
+def test_old_restore_run_dirs_are_pruned_and_recent_ones_kept(tmp_path: Path) -> None:
+    from warmstart.snapshot.restore import prune_run_dirs
+
+    now = time.time()
+    for i in range(30):
+        d = tmp_path / f"restore-x-{i:02d}"
+        d.mkdir()
+        age = 7200 if i < 25 else 10  # the last five are still young
+        os.utime(d, (now - age + i, now - age + i))
+    (tmp_path / "other").mkdir()
+    removed = prune_run_dirs(tmp_path, keep=8, min_age_s=3600)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert removed == 22
+    assert "other" in left
+    # the five young ones and the three newest old ones stay
+    assert [n for n in left if n.startswith("restore-")] == [f"restore-x-{i:02d}" for i in range(22, 30)]

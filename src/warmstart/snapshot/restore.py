@@ -13,6 +13,7 @@ import datetime as dt
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -121,11 +122,37 @@ def uses_page_server(request: RestoreRequest, manifest: Manifest) -> bool:
     return _use_parallel_pages(request)
 
 
+#: Restore run directories (CRIU's log, tens of MB at -v4 for a GPU worker) kept for
+#: inspection: the newest ones, and any younger than an hour (restores still running).
+KEEP_RUN_DIRS = 16
+_KEEP_RUN_DIRS_S = 3600.0
+
+
 def _run_dir(name: str) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    path = Path(tempfile.gettempdir()) / "warmstart" / f"restore-{name}-{stamp}"
+    parent = Path(tempfile.gettempdir()) / "warmstart"
+    path = parent / f"restore-{name}-{stamp}"
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    prune_run_dirs(parent)
     return path
+
+
+def prune_run_dirs(parent: Path, keep: int = KEEP_RUN_DIRS, min_age_s: float = _KEEP_RUN_DIRS_S) -> int:
+    """Remove old restore run directories beyond the newest ``keep``; return how many went."""
+    now = time.time()
+    dirs: list[tuple[float, Path]] = []
+    for d in parent.glob("restore-*"):
+        try:
+            dirs.append((d.stat().st_mtime, d))
+        except OSError:
+            continue
+    dirs.sort(reverse=True)
+    removed = 0
+    for mtime, d in dirs[keep:]:
+        if now - mtime > min_age_s:
+            shutil.rmtree(d, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def _check(manifest: Manifest, request: RestoreRequest, criu: Criu) -> GpuRestorePlan | None:
