@@ -62,3 +62,13 @@ def test_readahead_reads_the_file_pages_under_dumped_private_pages(tmp_path: Pat
     assert fr.bytes > 0
     after = resident_ranges(str(data), [(3 * PAGE, PAGE), (10 * PAGE, PAGE)])
     assert after is not None and sum(n for _, n in after.ranges) == 2 * PAGE
+    # a container restore: the same paths, under the container's root
+    root = tmp_path / "rootfs"
+    inside = root / str(data).lstrip("/")
+    inside.parent.mkdir(parents=True)
+    inside.write_bytes(data.read_bytes())
+    evict(inside)
+    fr = FileReadahead(images, sorted(task_pids(images)), root=root).start()
+    assert fr.done.wait(30)
+    moved = resident_ranges(str(inside), [(3 * PAGE, PAGE), (10 * PAGE, PAGE)])
+    assert moved is not None and sum(n for _, n in moved.ranges) == 2 * PAGE

@@ -318,7 +318,7 @@ def restore_into_placeholder(
             verify_files(path, [Expected(entry.path, entry.size, entry.digest)])
             rootfs_diff.apply(path / info.rootfs_diff, target.rootfs)
         request = RestoreRequest(gpu_map=tuple(gpu_map), control_dir=control, env=env or {},
-                                 check_pids=False, pid_map=pcriu.translate)
+                                 check_pids=False, pid_map=pcriu.translate, file_root=target.rootfs)
         return restore(name, store=store, request=request, criu=pcriu, listener=listener)
     except BaseException:
         for stale in (ph.RESTORED_PID, ph.RESTORE_STARTED):

@@ -67,6 +67,10 @@ class RestoreRequest:
     check_pids: bool = True
     #: Recorded PID -> PID of the restored process, where they differ (container restores).
     pid_map: Callable[[int], int] | None = None
+    #: The directory the tree's file paths are relative to, as seen from here
+    #: (a container's root for container restores): where the files CRIU will
+    #: read are read ahead from.
+    file_root: Path = Path("/")
 
 
 class Incoming(Protocol):
@@ -250,6 +254,7 @@ def restore(
                     open_pages=incoming.open_pages if incoming else open_pages,
                     check=fill_check,
                     check_size=PIECE_SIZE,
+                    readahead=incoming is None,  # a streamed image is read as it arrives
                 )
             )
             if parallel
@@ -258,7 +263,7 @@ def restore(
         filling: Future[FillStats] | None = None
         readahead: Prefetch | None = None
         # What CRIU will read of the tree's own files (lookups, copy-on-write pages): ahead of it.
-        file_reads = FileReadahead(criu_images, sorted(task_pids(criu_images))).start()
+        file_reads = FileReadahead(criu_images, sorted(task_pids(criu_images)), root=request.file_root).start()
         filled_bytes = 0
         try:
             with timer.phase("criu-restore"):
