@@ -248,7 +248,7 @@ def restore(
         bool,
         typer.Option(
             "--prefetch/--no-prefetch",
-            help="Read the worker's recorded library pages back into the page cache while its GPU state is restored (not measured on a GPU host yet).",
+            help="Read the worker's recorded library pages back into the page cache while its GPU state is restored (off: slower cold on the GPU worker, docs/benchmarks.md).",
         ),
     ] = False,
     page_threads: Annotated[

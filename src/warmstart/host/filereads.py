@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from warmstart.host.pagemap import PE_PRESENT, _messages, read_pagemap
-from warmstart.host.residency import missing_ranges
+from warmstart.host.residency import read_in
 from warmstart.host.stats import decode_fields, iter_fields
 
 log = logging.getLogger(__name__)
@@ -159,22 +159,4 @@ class FileReadahead:
             pass
 
     def _read(self, name: str, offset: int, length: int) -> int:
-        """Read what of the range is not cached yet; return the bytes read."""
-        path = self._path(name)
-        got = 0
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return 0
-        try:
-            for off, n in missing_ranges(str(path), [(offset, length)]):
-                while n > 0:
-                    chunk = len(os.pread(fd, min(n, 8 << 20), off))
-                    if not chunk:
-                        break
-                    got, off, n = got + chunk, off + chunk, n - chunk
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-        return got
+        return read_in(self._path(name), offset, length)

@@ -6,8 +6,8 @@ one fault at a time, as the worker first touches them (on the GPU worker a
 cold page cache costs about a second before the first token that way).
 At checkpoint time the tree's file mappings are listed from
 ``/proc/PID/maps`` and each file's page-cache residency over those ranges is
-read with ``mincore(2)``; a restore hands the resident ranges to the kernel's
-readahead (``POSIX_FADV_WILLNEED``) from a few threads while CRIU works.
+read with ``mincore(2)``; a restore can read those ranges back (synchronous
+readers, a few at a time) once the tree runs.
 """
 
 from __future__ import annotations
@@ -168,25 +168,51 @@ def evict(path: Path) -> None:
         os.close(fd)
 
 
+#: Largest single read of :func:`read_in` (and so of :func:`prefetch`).
+READ_CHUNK = 8 << 20
+
+
+def read_in(path: str | os.PathLike[str], offset: int, length: int) -> int:
+    """Read what of ``[offset, offset + length)`` of a file is not cached yet; return the bytes read.
+
+    One synchronous read at a time, at most :data:`READ_CHUNK`: the page cache
+    fills, and nothing is queued ahead of reads someone else waits on. Never
+    raises (a file that went away reads as nothing)."""
+    got = 0
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        for off, n in missing_ranges(os.fspath(path), [(offset, length)]):
+            while n > 0:
+                chunk = len(os.pread(fd, min(n, READ_CHUNK), off))
+                if not chunk:
+                    break
+                got, off, n = got + chunk, off + chunk, n - chunk
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return got
+
+
 def prefetch(files: Iterable[FileRanges], *, threads: int = 4) -> int:
-    """Start readahead of every range whose file is unchanged; return the bytes asked for."""
+    """Read back every range of an unchanged file that is not cached; return the bytes read.
 
-    def one(fr: FileRanges) -> int:
+    ``threads`` synchronous readers, in pieces of :data:`READ_CHUNK`: asking the
+    kernel for everything at once (``POSIX_FADV_WILLNEED``) would queue it all
+    ahead of the page faults of the worker that needs a few of those pages now.
+    """
+    jobs: list[tuple[str, int, int]] = []
+    for fr in files:
         try:
-            fd = os.open(fr.path, os.O_RDONLY | os.O_CLOEXEC)
+            st = os.stat(fr.path)
         except OSError:
-            return 0
-        try:
-            st = os.fstat(fd)
-            if st.st_size != fr.size or st.st_mtime_ns != fr.mtime_ns:
-                return 0  # another version of the file: its old pages mean nothing
-            for off, length in fr.ranges:
-                os.posix_fadvise(fd, off, length, os.POSIX_FADV_WILLNEED)
-            return fr.bytes
-        except OSError:
-            return 0
-        finally:
-            os.close(fd)
-
+            continue
+        if st.st_size != fr.size or st.st_mtime_ns != fr.mtime_ns:
+            continue  # another version of the file: its old pages mean nothing
+        for off, n in fr.ranges:
+            jobs += [(fr.path, pos, min(READ_CHUNK, off + n - pos)) for pos in range(off, off + n, READ_CHUNK)]
     with ThreadPoolExecutor(threads, thread_name_prefix="prefetch") as pool:
-        return sum(pool.map(one, files))
+        return sum(pool.map(lambda job: read_in(*job), jobs))

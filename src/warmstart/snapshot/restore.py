@@ -58,7 +58,8 @@ class RestoreRequest:
     lazy: bool = False
     #: Read the tree's recorded file pages (libraries) back into the page cache
     #: while its GPU state is restored (snapshot/prefetch.py). Off by default:
-    #: it showed no gain on the CPU worker and has not run on a GPU host.
+    #: no gain on the CPU worker, and slower cold on the GPU worker (it reads far
+    #: more than the first token needs; docs/benchmarks.md).
     prefetch: bool = False
     #: Page-server threads (default: up to 16, one per core).
     page_threads: int | None = None
