@@ -7,11 +7,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from _support import assert_continues
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _support import assert_continues
-from warmstart.host.process import kill_tree
 from warmstart.host.sparse import MIN_HOLE, HoleMap, ZeroRuns, punch_hole, write_sparse
 from warmstart.snapshot.checkpoint import CheckpointOptions, checkpoint
 from warmstart.snapshot.manifest import IMAGES_DIR

@@ -43,8 +43,15 @@ from typing import Protocol
 
 from warmstart.errors import CriuError
 from warmstart.host import uffd
+from warmstart.host.pagemap import (
+    PAGE_SIZE,
+    PE_PRESENT,
+    PageRun,
+    read_pagemap,
+    read_vmas,
+    split_at_vmas,
+)
 from warmstart.host.residency import missing_ranges
-from warmstart.host.pagemap import PAGE_SIZE, PE_PRESENT, PageRun, read_pagemap, read_vmas, split_at_vmas
 from warmstart.host.sparse import HoleMap
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from warmstart import protocol
 from warmstart.errors import UsageError
 from warmstart.worker import (

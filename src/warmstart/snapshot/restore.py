@@ -29,7 +29,13 @@ from warmstart.host import process as proc
 from warmstart.host import uffd
 from warmstart.host.criu import Criu, DumpOptions, RestoreOptions, find_criu
 from warmstart.host.filereads import FileReadahead
-from warmstart.host.pageserver import FillStats, PageServer, PagesSource, served_pages_images, task_pids
+from warmstart.host.pageserver import (
+    FillStats,
+    PageServer,
+    PagesSource,
+    served_pages_images,
+    task_pids,
+)
 from warmstart.host.stats import RestoreStats
 from warmstart.snapshot import compat, hostinfo
 from warmstart.snapshot.gpu_state import GpuRestorePlan
