@@ -224,3 +224,11 @@ def test_a_pulled_snapshot_keeps_its_holes(tree_factory, tmp_path: Path) -> None
         assert copy.read_bytes() == original.read_bytes()
         assert HoleMap.of(copy).hole_bytes >= HoleMap.of(original).hole_bytes // 2
     assert sum(HoleMap.of(p).hole_bytes for p in (pulled.path / IMAGES_DIR).glob("pages-*.img")) >= 24 << 20
+
+
+def test_keeps_holes_probes_the_nearest_existing_directory_and_leaves_nothing(tmp_path: Path) -> None:
+    from warmstart.host.sparse import keeps_holes
+
+    expected = _holes_supported(tmp_path)
+    assert keeps_holes(tmp_path / "not" / "yet" / "there") is expected
+    assert list(tmp_path.iterdir()) == []  # the probe file is gone, no directory was made

@@ -102,6 +102,20 @@ def _gds() -> Check:
                  "the memory service does not use it yet (pinned host buffers)")  # fmt: skip
 
 
+def _sparse_store() -> Check:
+    from warmstart.host.sparse import keeps_holes
+    from warmstart.store.local import default_root
+
+    root = default_root()
+    holes = keeps_holes(root)
+    detail = {
+        True: f"{root}: its filesystem keeps holes (zero pages of page images take no disk and are never read)",
+        False: f"{root}: its filesystem keeps no holes (zero pages are stored and read like data)",
+        None: f"{root}: cannot tell (not writable here)",
+    }[holes]
+    return Check("sparse page images", None, detail)
+
+
 def collect() -> list[Check]:
     return [
         Check("kernel", None, f"{platform.release()} ({platform.machine()})"),
@@ -109,6 +123,7 @@ def collect() -> list[Check]:
         *_criu(),
         *_gpu(),
         _gds(),
+        _sparse_store(),
     ]
 
 

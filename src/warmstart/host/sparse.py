@@ -19,8 +19,10 @@ import bisect
 import ctypes
 import errno
 import os
+import tempfile
 from collections.abc import Iterator
 from functools import cache
+from pathlib import Path
 
 #: Zero runs shorter than this stay data: a hole per stray zero page would
 #: fragment the file for no gain.
@@ -49,6 +51,25 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
         return False
     raise OSError(err, os.strerror(err))
+
+
+def keeps_holes(directory: Path) -> bool | None:
+    """Whether files in ``directory`` (or its nearest existing parent) can hold holes; None: cannot tell."""
+    where = Path(directory)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        fd, name = tempfile.mkstemp(prefix=".warmstart-holes-", dir=where)
+    except OSError:
+        return None
+    try:
+        os.pwrite(fd, b"\x01" * (2 * MIN_HOLE), 0)
+        return punch_hole(fd, 0, MIN_HOLE) and bool(HoleMap(fd, 2 * MIN_HOLE))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+        os.unlink(name)
 
 
 class ZeroRuns:
