@@ -51,7 +51,7 @@ from warmstart.host.pagemap import (
     read_vmas,
     split_at_vmas,
 )
-from warmstart.host.residency import missing_ranges
+from warmstart.host.residency import read_in
 from warmstart.host.sparse import HoleMap
 
 log = logging.getLogger(__name__)
@@ -302,26 +302,15 @@ class PageServer:
                     continue
                 with open(path, "rb", buffering=0) as f:
                     holes = HoleMap(f.fileno(), os.fstat(f.fileno()).st_size)
-                data = [(o, n) for r in runs for o, n, hole in holes.split(r.offset, r.length) if not hole]
-                for offset, length in missing_ranges(str(path), data):
-                    jobs += [(path, pos, min(self.chunk, offset + length - pos))
-                             for pos in range(offset, offset + length, self.chunk)]  # fmt: skip
+                for r in runs:
+                    for offset, length, hole in holes.split(r.offset, r.length):
+                        if not hole:
+                            jobs += [(path, pos, min(self.chunk, offset + length - pos))
+                                     for pos in range(offset, offset + length, self.chunk)]  # fmt: skip
             with ThreadPoolExecutor(READAHEAD_THREADS, thread_name_prefix="pages-readahead") as pool:
-                list(pool.map(lambda job: self._read_piece(*job), jobs))
+                list(pool.map(lambda job: None if self._stop.is_set() else read_in(*job), jobs))
         except Exception as exc:  # noqa: BLE001
             log.debug("page server: readahead stopped: %s", exc)
-
-    def _read_piece(self, path: Path, offset: int, length: int) -> None:
-        if self._stop.is_set():
-            return
-        buf: bytearray | None = getattr(self._local, "readahead", None)
-        if buf is None:
-            buf = self._local.readahead = bytearray(self.chunk)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.preadv(fd, [memoryview(buf)[:length]], offset)
-        finally:
-            os.close(fd)
 
     # -- receiving userfaultfds ------------------------------------------
     def _accept_loop(self) -> None:
