@@ -7,3 +7,6 @@ if [ -x .criu-bundle/criu ]; then
   export WARMSTART_CRIU="$PWD/.criu-bundle/criu"
   export LD_LIBRARY_PATH="$PWD/.criu-bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
+if [ -d .criu-bundle/bin ]; then  # runc and busybox for the container tests, when carried
+  export PATH="$PATH:$PWD/.criu-bundle/bin"
+fi

@@ -69,8 +69,12 @@ def build_base(root: Path, *, python: bool = True) -> Path:
 
 
 def spec(args: list[str], *, env: dict[str, str] | None = None, image: str = "test-image",
-         hostname: str = "box") -> dict:
-    """An OCI config like `runc spec` writes, detached (no terminal), without a cgroup mount."""
+         hostname: str = "box", binds: tuple[str, ...] = (), devices: tuple[Path, ...] = ()) -> dict:
+    """An OCI config like `runc spec` writes, detached (no terminal), without a cgroup mount.
+
+    ``binds``: host directories mounted read-only at the same path; ``devices``: host
+    character devices created in the container and allowed by its device cgroup.
+    """
     tmp = Path(f"/tmp/warmstart-spec-{os.getpid()}")
     tmp.mkdir(exist_ok=True)
     subprocess.run(["runc", "spec"], cwd=tmp, check=True)
@@ -82,8 +86,59 @@ def spec(args: list[str], *, env: dict[str, str] | None = None, image: str = "te
     s["root"] = {"path": "rootfs", "readonly": False}
     s["hostname"] = hostname
     s["mounts"] = [m for m in s["mounts"] if m["type"] != "cgroup"]
+    if {"type": "cgroup"} not in s["linux"]["namespaces"]:  # as runc makes on cgroup v2 hosts
+        s["linux"]["namespaces"].append({"type": "cgroup"})
     s["annotations"] = {"warmstart.dev/image": image}
+    s["mounts"] += [{"destination": b, "type": "bind", "source": b, "options": ["rbind", "ro"]}
+                    for b in binds]
+    for dev in devices:
+        rdev = dev.stat().st_rdev
+        major, minor = os.major(rdev), os.minor(rdev)
+        s["linux"].setdefault("devices", []).append(
+            {"path": str(dev), "type": "c", "major": major, "minor": minor, "fileMode": 0o666})
+        s["linux"]["resources"].setdefault("devices", []).append(
+            {"allow": True, "type": "c", "major": major, "minor": minor, "access": "rwm"})
     return s
+
+
+def nvidia_devices() -> tuple[Path, ...]:
+    """The host's NVIDIA character devices (what the NVIDIA container toolkit would inject)."""
+    return tuple(p for p in sorted(Path("/dev").glob("nvidia*")) if p.is_char_device())
+
+
+def build_host_base(root: Path) -> Path:
+    """A rootfs that runs the host's own Python and libraries from a read-only bind of /usr.
+
+    Like an image built on the host's distribution: merged-/usr symlinks, the loader cache
+    and the few files of /etc a process reads. Pass ``binds=("/usr", ...)`` to the spec.
+    """
+    for d in ("usr", "proc", "sys", "dev", "tmp", "etc", "data", "run", "root"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "tmp").chmod(0o1777)
+    for link in ("bin", "sbin", "lib", "lib64"):
+        target = Path("/") / link
+        if target.is_symlink():
+            (root / link).symlink_to(os.readlink(target))
+    for name in ("ld.so.cache", "passwd", "group", "hosts", "nsswitch.conf"):
+        if (Path("/etc") / name).is_file():
+            shutil.copy2(Path("/etc") / name, root / "etc" / name)
+    (root / "etc" / "hostname").write_text("base\n")
+    return root
+
+
+def host_python_binds() -> tuple[str, ...]:
+    """/usr plus every directory this Python imports from outside it (src, venv, wheels)."""
+    paths = [sys.prefix, sys.base_prefix, str(SRC.parent), str(Path(__file__).parent), *sys.path]
+    outside = {str(Path(p).resolve()) for p in paths if p and Path(p).is_dir()}
+    outside = {p for p in outside if p != "/" and not p.startswith(("/usr", "/proc", "/tmp/pytest"))}
+    return ("/usr", *sorted(p for p in outside if not any(p.startswith(q + "/") for q in outside)))
+
+
+def host_python_env() -> dict[str, str]:
+    """The environment a container on :func:`build_host_base` needs to import what we do."""
+    path = [str(SRC.parent), *(p for p in sys.path if p and Path(p).is_dir())]
+    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(path)), "PYTHONDONTWRITEBYTECODE": "1",
+            "HOME": "/root", "SNAPSHOT_CONTROL_DIR": "/run/warmstart"}
 
 
 @dataclass
@@ -131,15 +186,16 @@ class RuncContainer:
 
 def run_container(cid: str, base: Path, workdir: Path, runc_root: Path, args: list[str], *,
                   env: dict[str, str] | None = None, image: str = "test-image",
-                  hostname: str = "box") -> RuncContainer:
+                  hostname: str = "box", binds: tuple[str, ...] = (),
+                  devices: tuple[Path, ...] = ()) -> RuncContainer:
     bundle = workdir / cid
     for d in ("upper", "work", "rootfs"):
         (bundle / d).mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                     f"lowerdir={base},upperdir={bundle / 'upper'},workdir={bundle / 'work'}",
                     str(bundle / "rootfs")], check=True)
-    (bundle / "config.json").write_text(json.dumps(spec(args, env=env, image=image,
-                                                        hostname=hostname)))
+    (bundle / "config.json").write_text(json.dumps(spec(args, env=env, image=image, hostname=hostname,
+                                                        binds=binds, devices=devices)))
     log = bundle / "stdio.log"
     c = RuncContainer(cid, bundle, runc_root, log)
     with open(log, "ab") as out:

@@ -21,12 +21,23 @@ child_mode = "--child" in sys.argv
 n = int(gib * (1 << 30)) // 4
 
 
-def pattern() -> torch.Tensor:
-    return (torch.arange(n, device="cuda", dtype=torch.int64) * 2654435761 % 2147483647).to(torch.int32)
+CHUNK = 1 << 26  # elements: the int64 temporaries stay small next to the buffer
 
 
-big = pattern()
-torch.cuda.empty_cache()  # the int64 temporaries: device memory is then GIB plus the context
+def pattern(start: int, end: int) -> torch.Tensor:
+    return (torch.arange(start, end, device="cuda", dtype=torch.int64) * 2654435761 % 2147483647).to(torch.int32)
+
+
+def matches(t: torch.Tensor) -> bool:
+    return all(torch.equal(t[i : i + CHUNK], pattern(i, min(n, i + CHUNK))) for i in range(0, n, CHUNK))
+
+
+# Allocated first and filled in chunks: a buffer carved out of a freed temporary's larger
+# segment would pin that whole segment, and the process would hold about twice GIB.
+big = torch.empty(n, dtype=torch.int32, device="cuda")
+for i in range(0, n, CHUNK):
+    big[i : i + CHUNK] = pattern(i, min(n, i + CHUNK))
+torch.cuda.empty_cache()  # device memory is then GIB plus the context
 counter = torch.zeros(1, dtype=torch.int64, device="cuda")
 child = None
 if child_mode:
@@ -43,7 +54,7 @@ while True:
     verify = os.path.join(state, "verify")
     if os.path.exists(verify):
         os.unlink(verify)
-        equal = bool(torch.equal(big, pattern()))
+        equal = matches(big)
         torch.cuda.empty_cache()
     status = {
         "pid": os.getpid(),
@@ -51,6 +62,7 @@ while True:
         "equal": equal,
         "child_pid": child.pid if child else None,
         "device_bytes": big.numel() * 4,
+        "reserved_bytes": torch.cuda.memory_reserved(),
     }
     os.pwrite(status_fd, json.dumps(status).encode().ljust(4096), 0)
     time.sleep(0.02)

@@ -211,6 +211,14 @@ def check_image(manifest: Manifest, target: Container) -> ContainerInfo:
     return info
 
 
+def _own_ns(pid: int, ns: str) -> bool:
+    """Whether ``pid`` is in another ``ns`` namespace than this process."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/{ns}").st_ino != os.stat(f"/proc/self/ns/{ns}").st_ino
+    except FileNotFoundError:  # kernel without that namespace type
+        return False
+
+
 class PlaceholderCriu(Criu):
     """CRIU that restores inside a placeholder's namespaces and returns the host PID."""
 
@@ -221,9 +229,12 @@ class PlaceholderCriu(Criu):
         self.control = control
         self._fds: list[int] = []
         groups = procinfo.cgroup_procs_files(target.proc.cgroups, procinfo.mountinfo("self"))
+        # Its cgroup namespace too (runc makes one on cgroup v2 hosts): CRIU does not
+        # restore one here, so the tree inherits the namespace CRIU runs in.
+        cgroupns = ("--cgroup",) if _own_ns(target.pid, "cgroup") else ()
         prefix = (
             "sh", "-c", _JOIN_CGROUPS, "warmstart-enter", *map(str, groups), "--",
-            "nsenter", "--target", str(target.pid), "--pid", "--",
+            "nsenter", "--target", str(target.pid), "--pid", *cgroupns, "--",
             "unshare", "--mount", "--propagation", "private", "--mount-proc", "--",
         )
         super().__init__(base.path, base.version, prefix=prefix)
