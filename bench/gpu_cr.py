@@ -6,7 +6,7 @@ by hand: cuCheckpointProcessLock + Checkpoint, ``criu dump``, kill,
 preflight, streamed checksums, verification during restore, a guard and an
 atomic publish. Run as root on a GPU host:
 
-    python bench/gpu_cr.py --gib 1 8 [--json]
+    python bench/gpu_cr.py --gib 1 8 32 [--lazy] [--json]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from warmstart.gpu import load_driver  # noqa: E402
 from warmstart.host.criu import find_criu  # noqa: E402
 from warmstart.host.process import kill_tree  # noqa: E402
 from warmstart.snapshot.checkpoint import checkpoint  # noqa: E402
-from warmstart.snapshot.restore import restore  # noqa: E402
+from warmstart.snapshot.restore import RestoreRequest, restore  # noqa: E402
 from warmstart.store.local import LocalStore  # noqa: E402
 
 
@@ -75,13 +75,13 @@ def _naive(t: Tree, work: Path) -> dict[str, float]:
             "criu_restore": t4 - t3, "gpu_restore": t5 - t4, "restore": t5 - t3}  # fmt: skip
 
 
-def ours(work: Path, gib: float) -> dict[str, float]:
+def ours(work: Path, gib: float, lazy: bool = False) -> dict[str, float]:
     t = start(work / "ws-w", gib)
     store = LocalStore(work / "store")
     try:
         c = checkpoint(t.pid, store=store, name="bench")
         t.popen.wait()
-        r = restore("bench", store=store)
+        r = restore("bench", store=store, request=RestoreRequest(lazy=lazy))
         Tree(t.state, None, r.pid).wait_progress(60)
     finally:
         kill_tree(t.pid)  # the restored tree has the original's pid
@@ -99,6 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, nargs="+", default=[1, 8])
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--lazy", action="store_true", help="also warmstart --lazy (GPU restore beside the fill)")
     args = ap.parse_args()
     header = (f"{'GiB':>5} {'dev GB':>7} {'naive ckpt':>10} {'ws ckpt':>8} {'ratio':>6} "
               f"{'naive rst':>9} {'ws rst':>7} {'ratio':>6} {'GPU rst GB/s':>12}")  # fmt: skip
@@ -111,10 +112,14 @@ def main() -> None:
                 n = naive(Path(d), gib)
             with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
                 w = ours(Path(d), gib)
+            lz = None
+            if args.lazy:
+                with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+                    lz = ours(Path(d), gib, lazy=True)
         except (subprocess.CalledProcessError, WarmstartError) as exc:  # one size failing keeps the others
             print(f"{gib:>5} failed: {exc}", file=sys.stderr, flush=True)
             continue
-        r = {"gib": gib, "naive": n, "warmstart": w,
+        r = {"gib": gib, "naive": n, "warmstart": w, "lazy": lz,
              "checkpoint_ratio": w["checkpoint"] / n["checkpoint"], "restore_ratio": w["restore"] / n["restore"]}  # fmt: skip
         rows.append(r)
         if not args.json:
@@ -124,6 +129,10 @@ def main() -> None:
                   f"{r['restore_ratio']:>6.2f} {gbs:>12.2f}", flush=True)  # fmt: skip
             print("       warmstart phases: " + ", ".join(f"{k} {v:.2f}" for k, v in w["phases"].items() if v >= 0.01),
                   flush=True)  # fmt: skip
+            if lz is not None:
+                print(f"       --lazy: restore {lz['restore']:.2f} s (ratio {lz['restore'] / n['restore']:.2f}); phases: "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in lz["phases"].items() if k.startswith("r_") and v >= 0.01),
+                      flush=True)  # fmt: skip
     if args.json:
         print(json.dumps(rows, indent=2))
 

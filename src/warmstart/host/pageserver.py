@@ -35,7 +35,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +43,7 @@ from typing import Protocol
 
 from warmstart.errors import CriuError
 from warmstart.host import uffd
+from warmstart.host.fillqueue import Chunk, FillQueue
 from warmstart.host.pagemap import (
     PAGE_SIZE,
     PE_PRESENT,
@@ -229,6 +230,7 @@ class PageServer:
         self._epoll = select.epoll()
         self._threads: list[threading.Thread] = []
         self._local = threading.local()
+        self._queue: FillQueue | None = None  # while fill() runs
 
     # -- lifecycle -------------------------------------------------------
     def __enter__(self) -> PageServer:
@@ -441,6 +443,9 @@ class PageServer:
             return
         log.debug("fault PID %d %#x: run %#x+%d, placed %d", task.pid, addr, run.vaddr, run.length, placed)
         uffd.wake(task.fd, addr, PAGE_SIZE)
+        queue = self._queue
+        if queue is not None:  # a running task reads here: fill on from here
+            queue.jump(task.pid, end)
 
     # -- copying ------------------------------------------------------------
     def _buffer(self, size: int) -> bytearray:
@@ -565,33 +570,36 @@ class PageServer:
         return self._place(task, length, call, "copying pages into", wait=wait,
                            on_efault=None if buffered else reread)  # fmt: skip
 
-    def _jobs(self) -> Iterator[tuple[_Task, PageRun, int, int]]:
-        with self._lock:
-            tasks = list(self._tasks.values())
-        for task in tasks:
-            for run in task.runs:
-                for start in range(run.vaddr, run.end, self.chunk):
-                    yield task, run, start, min(run.end, start + self.chunk)
+    def _chunks(self) -> list[Chunk]:
+        """Every task's lazy memory in ``chunk``-sized pieces, in address order.
 
-    def _piece_jobs(self) -> Iterator[tuple[_Task, int, list[tuple[PageRun, int, int]]]]:
-        """Per task, each ``check_size`` piece of its pages image with the run parts inside it."""
+        With checks, chunks are cut at the image's check pieces too, and a piece
+        without lazy pages gets one empty chunk (it is checked all the same)."""
         with self._lock:
             tasks = list(self._tasks.values())
+        piece = self.check_size if self.check is not None else None
+        chunks: list[Chunk] = []
         for task in tasks:
-            size = getattr(task.pages, "size", None)
-            if size is None:
-                size = max((r.offset + r.length for r in task.runs), default=0)
-            parts: dict[int, list[tuple[PageRun, int, int]]] = {}
+            pieces_seen: set[int] = set()
             for run in task.runs:
                 pos = run.vaddr
                 while pos < run.end:
-                    offset = run.offset + (pos - run.vaddr)
-                    index = offset // self.check_size
-                    end = min(run.end, pos + (index + 1) * self.check_size - offset)
-                    parts.setdefault(index, []).append((run, pos, end))
+                    end = min(run.end, pos + self.chunk)
+                    index = None
+                    if piece is not None:
+                        offset = run.offset + (pos - run.vaddr)
+                        index = offset // piece
+                        end = min(end, pos + (index + 1) * piece - offset)
+                        pieces_seen.add(index)
+                    chunks.append(Chunk(task.pid, pos, end, index, (task, run)))
                     pos = end
-            for index in range(-(-size // self.check_size)):
-                yield task, index, parts.get(index, [])
+            if piece is not None:
+                size = getattr(task.pages, "size", None)
+                if size is None:
+                    size = max((r.offset + r.length for r in task.runs), default=0)
+                chunks += [Chunk(task.pid, 0, 0, i, (task, None))
+                           for i in range(-(-size // piece)) if i not in pieces_seen]
+        return chunks
 
     def expected_pids(self) -> set[int]:
         """The tasks CRIU will hand over: every task with a pagemap image (zombies have none)."""
@@ -623,42 +631,46 @@ class PageServer:
         self._raise_errors()
 
         failed = threading.Event()
+        queue = self._queue = FillQueue(self._chunks())
 
-        def job(item: tuple[_Task, PageRun, int, int]) -> int:
-            task, run, start, end = item
-            if self._cancelled.is_set() or failed.is_set():
-                return 0
-            with self._lock:  # a running (lazy) task may have dropped parts of it since
-                parts = task.live_parts(start, end)
-            return sum(self._copy(task, run, s, e, self._buffer(self.chunk)) for s, e in parts)
-
-        def piece_job(item: tuple[_Task, int, list[tuple[PageRun, int, int]]]) -> int:
-            task, index, runs = item
+        def worker() -> int:
             moved = 0
-            for run, start, end in runs:
-                for pos in range(start, end, self.chunk):
-                    moved += job((task, run, pos, min(end, pos + self.chunk)))
-            if self._cancelled.is_set() or failed.is_set():
-                return moved
-            path = getattr(task.pages, "path", None)
-            if self.check is not None and path is not None:
-                offset = index * self.check_size
-                try:
-                    self.check(path, offset, min(self.check_size, task.pages.size - offset))  # type: ignore[attr-defined]
-                except BaseException:
-                    failed.set()  # the other jobs stop copying
-                    raise
+            try:
+                while not (self._cancelled.is_set() or failed.is_set()):
+                    chunk = queue.take()
+                    if chunk is None:
+                        break
+                    task, run = chunk.payload
+                    if run is not None:
+                        with self._lock:  # a running (lazy) task may have dropped parts since
+                            parts = task.live_parts(chunk.start, chunk.end)
+                        buf = self._buffer(self.chunk)
+                        moved += sum(self._copy(task, run, s, e, buf) for s, e in parts)
+                    if queue.done(chunk):
+                        self._check_piece(task, chunk.piece)
+            except BaseException:
+                failed.set()  # the other threads stop copying
+                raise
             return moved
 
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="pages-fill") as pool:
-            if self.check is None:
-                moved = sum(pool.map(job, self._jobs()))
-            else:
-                moved = sum(pool.map(piece_job, self._piece_jobs()))
+        try:
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="pages-fill") as pool:
+                futures = [pool.submit(worker) for _ in range(min(self.threads, len(queue)) or 1)]
+                moved = sum(f.result() for f in futures)
+        finally:
+            self._queue = None
         self._raise_errors()
         if self._cancelled.is_set():
             raise CriuError("page server: fill cancelled", hint="retry the restore")
         return FillStats(len(self._tasks), moved, time.perf_counter() - t0, self._faults)
+
+    def _check_piece(self, task: _Task, index: int | None) -> None:
+        """Check piece ``index`` of ``task``'s pages image, just placed (in the page cache)."""
+        path = getattr(task.pages, "path", None)
+        if self.check is None or path is None or index is None:
+            return
+        offset = index * self.check_size
+        self.check(path, offset, min(self.check_size, task.pages.size - offset))  # type: ignore[attr-defined]
 
     def _fail(self, message: str) -> None:
         log.error("page server: %s", message)
