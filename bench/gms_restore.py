@@ -197,6 +197,8 @@ def snapshot_and_restores(model: Path, work: Path, name: str, kv: float, gms: Pa
         r = restore(name, store=store, request=RestoreRequest(control_dir=cdir, env={"WARMSTART_PORT": str(port)}))
         out[f"{label}_restore_call_s"] = time.perf_counter() - t2
         out[f"{label}_first_token_s"] = first_token(port, t2)
+        out[f"{label}_phases"] = {ph.name.strip(): round(ph.seconds, 3) for ph in r.timer.phases}  # type: ignore[assignment]
+        log(f"{name} {label}: restore phases {out[f'{label}_phases']}")
         kill(r.pid)
         log(f"{name} {label}: restore -> first token {out[f'{label}_first_token_s']:.2f} s")
     return out

@@ -120,6 +120,8 @@ def test_hole_map_split_covers_the_range_and_holes_read_zero(tmp_path_factory, l
     offset = min(offset, len(data))
     length = min(length, len(data) - offset)
     parts = list(HoleMap.of(path).split(offset, length))
+    with open(path, "rb") as f:  # a map of just the range splits it the same way
+        assert list(HoleMap(f.fileno(), offset + length, start=offset).split(offset, length)) == parts
     pos = offset
     for start, size, is_hole in parts:
         assert start == pos and size > 0

@@ -67,6 +67,12 @@ DEFAULT_CHUNK = 8 << 20
 READAHEAD_THREADS = 4
 #: Bytes served around a faulting address (prefetch for the fault's neighbours).
 FAULT_CHUNK = 256 << 10
+#: Runs shorter than this are filled in batches (one read, then one bare ``UFFDIO_COPY``
+#: each) by one thread at a time: per run the cost is Python's, not the kernel's, and
+#: threads that take turns at the GIL for many short calls only slow each other down.
+SMALL_RUN = 256 << 10
+#: Most image bytes one batch of small runs spans.
+BATCH_SPAN = 8 << 20
 
 
 def default_threads() -> int:
@@ -231,6 +237,7 @@ class PageServer:
         self._threads: list[threading.Thread] = []
         self._local = threading.local()
         self._queue: FillQueue | None = None  # while fill() runs
+        self._batches = threading.Lock()  # one thread at a time fills small runs
 
     # -- lifecycle -------------------------------------------------------
     def __enter__(self) -> PageServer:
@@ -304,11 +311,20 @@ class PageServer:
                     continue
                 with open(path, "rb", buffering=0) as f:
                     holes = HoleMap(f.fileno(), os.fstat(f.fileno()).st_size)
+                # The data between holes, contiguous runs merged: a worker has thousands
+                # of small runs, and one residency check per run kept this thread busy
+                # (and the GIL taken) for seconds.
+                spans: list[list[int]] = []
                 for r in runs:
                     for offset, length, hole in holes.split(r.offset, r.length):
-                        if not hole:
-                            jobs += [(path, pos, min(self.chunk, offset + length - pos))
-                                     for pos in range(offset, offset + length, self.chunk)]  # fmt: skip
+                        if hole:
+                            continue
+                        if spans and spans[-1][1] == offset:
+                            spans[-1][1] = offset + length
+                        else:
+                            spans.append([offset, offset + length])
+                jobs += [(path, pos, min(self.chunk, end - pos))
+                         for start, end in spans for pos in range(start, end, self.chunk)]  # fmt: skip
             with ThreadPoolExecutor(READAHEAD_THREADS, thread_name_prefix="pages-readahead") as pool:
                 list(pool.map(lambda job: None if self._stop.is_set() else read_in(*job), jobs))
         except Exception as exc:  # noqa: BLE001
@@ -573,33 +589,86 @@ class PageServer:
     def _chunks(self) -> list[Chunk]:
         """Every task's lazy memory in ``chunk``-sized pieces, in address order.
 
+        Consecutive small runs become one batch chunk (payload: the list of runs).
         With checks, chunks are cut at the image's check pieces too, and a piece
         without lazy pages gets one empty chunk (it is checked all the same)."""
         with self._lock:
             tasks = list(self._tasks.values())
         piece = self.check_size if self.check is not None else None
         chunks: list[Chunk] = []
+
+        def piece_of(run: PageRun, pos: int) -> int | None:
+            return None if piece is None else (run.offset + (pos - run.vaddr)) // piece
+
         for task in tasks:
-            pieces_seen: set[int] = set()
+            batch: list[PageRun] = []
+
+            def flush() -> None:
+                if batch:
+                    chunks.append(Chunk(task.pid, batch[0].vaddr, batch[-1].end,  # noqa: B023
+                                        piece_of(batch[0], batch[0].vaddr), (task, list(batch))))  # noqa: B023
+                    batch.clear()  # noqa: B023
+
             for run in task.runs:
+                if run.length < SMALL_RUN:
+                    if batch and (piece_of(run, run.vaddr) != piece_of(batch[0], batch[0].vaddr)
+                                  or run.offset + run.length - batch[0].offset > BATCH_SPAN):
+                        flush()
+                    batch.append(run)
+                    continue
+                flush()
                 pos = run.vaddr
                 while pos < run.end:
                     end = min(run.end, pos + self.chunk)
-                    index = None
-                    if piece is not None:
+                    index = piece_of(run, pos)
+                    if piece is not None and index is not None:
                         offset = run.offset + (pos - run.vaddr)
-                        index = offset // piece
                         end = min(end, pos + (index + 1) * piece - offset)
-                        pieces_seen.add(index)
                     chunks.append(Chunk(task.pid, pos, end, index, (task, run)))
                     pos = end
+            flush()
             if piece is not None:
                 size = getattr(task.pages, "size", None)
                 if size is None:
                     size = max((r.offset + r.length for r in task.runs), default=0)
+                seen = {c.piece for c in chunks if c.key == task.pid}
                 chunks += [Chunk(task.pid, 0, 0, i, (task, None))
-                           for i in range(-(-size // piece)) if i not in pieces_seen]
+                           for i in range(-(-size // piece)) if i not in seen]
         return chunks
+
+    def _fill_batch(self, task: _Task, runs: list[PageRun]) -> int:
+        """Place a batch of small runs: one read of the image span, one copy per run."""
+        first, last = runs[0], runs[-1]
+        span = last.offset + last.length - first.offset
+        buf = self._buffer(span)
+        view = memoryview(buf)[:span]
+        try:
+            got = task.pages.readinto(view, first.offset)
+        except OSError as exc:
+            raise CriuError(f"reading the pages image of PID {task.pid} failed: {exc.strerror or exc}",
+                            hint="check the snapshot's storage; take a new snapshot if it is damaged") from None
+        if got != span:
+            raise CriuError(f"pages image of PID {task.pid} is shorter than its pagemap says",
+                            hint="the snapshot is damaged; take a new one")
+        base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        placed = 0
+        for run in runs:
+            parts = [(run.vaddr, run.end)]
+            if task.removed:
+                with self._lock:
+                    parts = task.live_parts(run.vaddr, run.end)
+            for start, end in parts:
+                src = base + run.offset - first.offset + start - run.vaddr
+                err, done = uffd.copy(task.fd, start, src, end - start)
+                placed += done
+                if err:  # a fault beat us to a page, a layout change...: the careful path
+                    def call(pos: int, start: int = start, end: int = end, src: int = src) -> tuple[int, int]:
+                        return uffd.copy(task.fd, start + done + pos, src + done + pos, end - start - done - pos)
+
+                    if err == errno.EEXIST:
+                        done += PAGE_SIZE
+                    placed += self._place(task, end - start - done, call, "copying pages into", wait=True)
+        return placed
 
     def expected_pids(self) -> set[int]:
         """The tasks CRIU will hand over: every task with a pagemap image (zombies have none)."""
@@ -641,7 +710,10 @@ class PageServer:
                     if chunk is None:
                         break
                     task, run = chunk.payload
-                    if run is not None:
+                    if isinstance(run, list):
+                        with self._batches:
+                            moved += self._fill_batch(task, run)
+                    elif run is not None:
                         with self._lock:  # a running (lazy) task may have dropped parts since
                             parts = task.live_parts(chunk.start, chunk.end)
                         buf = self._buffer(self.chunk)

@@ -110,10 +110,11 @@ class ZeroRuns:
 class HoleMap:
     """The holes of an open file, for readers that can do better than read zeros."""
 
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, fd: int, size: int, start: int = 0) -> None:
+        """The holes of ``[start, size)`` of ``fd`` (a hole that began earlier starts at ``start``)."""
         self._starts: list[int] = []
         self._ends: list[int] = []
-        pos = 0
+        pos = start
         while pos < size:
             try:
                 hole = os.lseek(fd, pos, os.SEEK_HOLE)

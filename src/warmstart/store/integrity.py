@@ -236,7 +236,7 @@ def _digest_range(path: Path, offset: int, length: int) -> str:
     """The digest of ``length`` bytes at ``offset``; holes are hashed as the zeros they read as, unread."""
     h = _hasher()
     with open(path, "rb", buffering=0) as f:
-        holes = HoleMap(f.fileno(), offset + length)
+        holes = HoleMap(f.fileno(), offset + length, start=offset)  # this range's holes only
         for start, size, is_hole in holes.split(offset, length):
             if is_hole:
                 for pos in range(0, size, _CHUNK):
