@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import psutil
 
@@ -76,14 +77,16 @@ def _dead(p: psutil.Process, root: int) -> bool:
         return True
 
 
-def kill_tree(pid: int, *, timeout: float = 10.0) -> None:
+def kill_tree(pid: int, *, timeout: float = 10.0, wait: bool = True) -> None:
     """SIGKILL ``pid`` and its descendants and wait until none of them runs.
 
     A zombie root whose parent is alive counts as gone: reaping it is that
     parent's business, and waiting for it (psutil does, for tasks that are
     not our children) would wait on someone else. Everything else (orphans,
     which init reaps at once, and descendants) is waited for until its PID is
-    free, so a restore can take it again.
+    free, so a restore can take it again. ``wait=False`` returns once the
+    signals are sent: a stopped task that gets SIGKILL never runs again, and
+    the kernel tears its memory down meanwhile (see :func:`wait_exits`).
     """
     try:
         procs = tree_processes(pid)
@@ -94,11 +97,45 @@ def kill_tree(pid: int, *, timeout: float = 10.0) -> None:
             p.kill()
         except psutil.NoSuchProcess:
             pass
+    if not wait:
+        return
     deadline = time.monotonic() + timeout
     delay = 0.0005
     while not all(_dead(p, pid) for p in procs) and time.monotonic() < deadline:
         time.sleep(delay)
         delay = min(delay * 2, 0.02)
+
+
+_PF_EXITING = 0x4  # include/linux/sched.h: set as a task starts to exit
+
+
+def exiting(pid: int) -> bool:
+    """Whether ``pid`` is dying: killed and tearing down, or a zombie not yet reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # gone, or never there
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0] in ("Z", "X") or bool(int(fields[6]) & _PF_EXITING)
+
+
+def wait_exits(pids: Iterable[int], *, timeout: float = 10.0) -> None:
+    """Wait while any of ``pids`` is dying (see :func:`exiting`), reaping our own children.
+
+    A checkpoint kills its original without waiting for the kernel to free its
+    memory; whoever needs those PIDs back (a restore on the same host) waits
+    here. Live processes are not waited for."""
+    pids = list(pids)
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while (dying := [pid for pid in pids if exiting(pid)]) and time.monotonic() < deadline:
+        for pid in dying:
+            try:
+                os.waitpid(pid, os.WNOHANG)  # ours to reap (ECHILD otherwise)
+            except ChildProcessError:
+                pass
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
 
 
 def continue_pids(pids: Iterable[int]) -> None:

@@ -165,8 +165,11 @@ def checkpoint_container(
         leave_running=leave_running, dump=plan.options, allow_bound_ip=allow_bound_ip,
         labels={"container_id": container.id, **(labels or {})},
     )
-    return checkpoint(container.pid, store=store, name=name, options=options, criu=criu,
-                      listener=listener, after_dump=capture)
+    result = checkpoint(container.pid, store=store, name=name, options=options, criu=criu,
+                        listener=listener, after_dump=capture)
+    if not leave_running:  # reported done once the runtime, too, sees the container stopped
+        hostproc.wait_exits(p.pid for p in result.manifest.tree.processes)
+    return result
 
 
 # -- restore -----------------------------------------------------------------------------

@@ -288,9 +288,10 @@ def checkpoint(
         with timer.phase("publish"):
             path = store.publish(staging, manifest, durable=options.durable)
         if not options.leave_running:
-            # Stopped since the dump: it never runs past the snapshot.
+            # Stopped since the dump: it never runs past the snapshot. Its memory is
+            # freed after we return; a restore here waits for its PIDs (wait_exits).
             with timer.phase("stop-original"):
-                proc.kill_tree(pid)
+                proc.kill_tree(pid, wait=False)
     except BaseException as exc:
         if digester is not None:
             digester.cancel()

@@ -170,6 +170,8 @@ def _check(manifest: Manifest, request: RestoreRequest, criu: Criu) -> GpuRestor
     """Everything that can refuse before a process exists; returns the GPU plan."""
     compat.check_host(manifest, hostinfo.current(str(criu.version)))
     gpu_plan = GpuRestorePlan.for_manifest(manifest, request.gpu_map)
+    if request.check_pids:  # the original may still be exiting (a checkpoint just now)
+        proc.wait_exits(p.pid for p in manifest.tree.processes)
     if request.check_pids and (busy := _pids_in_use(manifest)):
         raise UsageError(
             f"PID {busy[0]} is in use, and snapshot {manifest.name!r} needs it",
