@@ -14,8 +14,11 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "warmstart"
 _SKIP = {"test", "tests", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
@@ -259,3 +262,47 @@ def oci_image_tar(rootfs: Path, out: Path, name: str) -> Path:
         for digest, data in blobs.items():
             put(f"blobs/sha256/{digest.split(':', 1)[1]}", data)
     return out
+
+
+@contextmanager
+def host_containers(tmp: Path, *, image: str, devices: tuple[Path, ...] = ()) -> Iterator[HostContainers]:
+    """A node agent and runc containers that run the host's Python (:func:`build_host_base`),
+    with ``devices`` in them; everything is stopped and removed afterwards."""
+    from _agent import Agent
+
+    base = build_host_base(tmp / "image" / "rootfs")
+    binds, env = host_python_binds(), host_python_env()
+    runc_root = tmp / "runc"
+    runc_root.mkdir()
+    agent = Agent(tmp, runc_root)
+    agent.start()
+    made: list[RuncContainer] = []
+
+    def run(cid: str, args: list[str]) -> RuncContainer:
+        c = run_container(cid, base, tmp / "bundles", runc_root, args, env=env, binds=binds,
+                          devices=devices, image=image)
+        made.append(c)
+        return c
+
+    def placeholder(cid: str) -> RuncContainer:
+        c = run(cid, PLACEHOLDER_ARGS + ["sh", "-c", "echo cold > /data/cold; sleep 1000"])
+        deadline = time.monotonic() + 60
+        while not (c.rootfs / "run/warmstart/placeholder-waiting").exists():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"placeholder {cid} did not wait: {c.log.read_text()[-500:]}")
+            time.sleep(0.05)
+        return c
+
+    try:
+        yield HostContainers(agent, run, placeholder)
+    finally:
+        agent.stop()
+        for c in made:
+            c.destroy()
+
+
+@dataclass
+class HostContainers:
+    agent: Any
+    run: Callable[[str, list[str]], RuncContainer]
+    placeholder: Callable[[str], RuncContainer]

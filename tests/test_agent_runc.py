@@ -14,8 +14,8 @@ import psutil
 import pytest
 
 from _agent import Agent
-from _containers import (COUNTER, PLACEHOLDER_ARGS, PLACEHOLDER_ENV, build_base, build_host_base,
-                         host_python_binds, host_python_env, run_container)
+from _containers import (COUNTER, PLACEHOLDER_ARGS, PLACEHOLDER_ENV, build_base, host_containers,
+                         run_container)
 from _support import WORKLOADS, Tree, wait_for
 from warmstart.errors import Incompatible, NotFoundError, UsageError, WarmstartError
 
@@ -478,31 +478,15 @@ def test_a_python_worker_on_host_binds_restores_into_a_placeholder(tmp_path: Pat
     """The GPU test's container shape on CPU: the host's Python from read-only binds of /usr
     and of the source tree (external mounts, remapped to the placeholder's own binds), the
     workload's tree (threads, child, pipe, memfd, flock) continuing with the same memory."""
-    base = build_host_base(tmp_path / "image" / "rootfs")
-    binds, env_vars = host_python_binds(), host_python_env()
-    runc_root = tmp_path / "runc"
-    runc_root.mkdir()
-    agent = Agent(tmp_path, runc_root)
-    agent.start()
-    made = []
-
-    def container(cid: str, args: list[str]):
-        c = run_container(cid, base, tmp_path / "bundles", runc_root, args, env=env_vars,
-                          binds=binds, image="host-image")
-        made.append(c)
-        return c
-
-    try:
-        orig = container("py-orig", ["/bin/sh", "-c", "mkdir -p /data/state && exec "
-                                     f"{sys.executable} {WORKLOADS / 'tree.py'} /data/state 64"])
+    with host_containers(tmp_path, image="host-image") as box:
+        orig = box.run("py-orig", ["/bin/sh", "-c", "mkdir -p /data/state && exec "
+                                   f"{sys.executable} {WORKLOADS / 'tree.py'} /data/state 64"])
         worker = Tree(orig.rootfs / "data/state", None, orig.pid)
         wait_for(worker.started, 60, what="the containerised worker to start")
         before = worker.digests()
-        _checkpoint(agent, "py-orig", "py")
-        ph = container("py-ph", PLACEHOLDER_ARGS + ["sh", "-c", "echo cold > /data/cold; sleep 1000"])
-        wait_for(lambda: (ph.rootfs / "run/warmstart/placeholder-waiting").exists(), 30,
-                 what="the placeholder to wait")
-        op = agent.run({"type": "restore", "container_id": "py-ph", "snapshot": "py"})
+        _checkpoint(box.agent, "py-orig", "py")
+        ph = box.placeholder("py-ph")
+        op = box.agent.run({"type": "restore", "container_id": "py-ph", "snapshot": "py"})
         assert op["state"] == "succeeded", (op["error"], op["hint"], op["logs"][-3:])
         pid = op["result"]["pid"]
         back = Tree(ph.rootfs / "data/state", None, pid)
@@ -514,7 +498,3 @@ def test_a_python_worker_on_host_binds_restores_into_a_placeholder(tmp_path: Pat
         usr = [line for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
                if line.split()[4] == "/usr"]
         assert usr and usr[0].split()[5].split(",")[0] == "ro", usr  # the placeholder's bind
-    finally:
-        agent.stop()
-        for c in made:
-            c.destroy()

@@ -16,9 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _agent import Agent
-from _containers import (PLACEHOLDER_ARGS, build_host_base, host_python_binds, host_python_env,
-                         nvidia_devices, run_container)
+from _containers import host_containers, nvidia_devices
 from _support import Tree, wait_for
 from test_gpu_snapshot import verify_equal
 
@@ -41,28 +39,14 @@ def _ns(pid: int, ns: str) -> int:
 def test_containerised_cuda_worker_restores_into_a_placeholder(tmp_path: Path) -> None:
     devices = nvidia_devices()
     assert devices, "no /dev/nvidia* device nodes"
-    base = build_host_base(tmp_path / "image" / "rootfs")
-    binds, env = host_python_binds(), host_python_env()
-    runc_root = tmp_path / "runc"
-    runc_root.mkdir()
-    agent = Agent(tmp_path, runc_root)
-    agent.start()
-    made = []
-
-    def container(cid: str, args: list[str]):
-        c = run_container(cid, base, tmp_path / "bundles", runc_root, args, env=env,
-                          binds=binds, devices=devices, image="gpu-image")
-        made.append(c)
-        return c
-
-    try:
-        orig = container("gpu-orig", ["/bin/sh", "-c", "mkdir -p /data/state && exec "
-                                      f"{sys.executable} {WORKLOAD} /data/state 1"])
+    with host_containers(tmp_path, image="gpu-image", devices=devices) as box:
+        orig = box.run("gpu-orig", ["/bin/sh", "-c", "mkdir -p /data/state && exec "
+                                    f"{sys.executable} {WORKLOAD} /data/state 1"])
         worker = Tree(orig.rootfs / "data/state", None, orig.pid)
         wait_for(worker.started, 240, what="the containerised CUDA worker to start")
 
-        op = agent.run({"type": "checkpoint", "container_id": "gpu-orig", "snapshot": "gpu-c"},
-                       timeout=600)
+        op = box.agent.run({"type": "checkpoint", "container_id": "gpu-orig", "snapshot": "gpu-c"},
+                           timeout=600)
         assert op["state"] == "succeeded", (op["error"], op["hint"], op["logs"][-5:])
         gpus = op["result"]["gpus"]
         assert len(gpus) == 1 and gpus[0]["device_memory_bytes"] >= 1 << 30, gpus
@@ -70,11 +54,9 @@ def test_containerised_cuda_worker_restores_into_a_placeholder(tmp_path: Path) -
         at_dump = Tree(orig.upper / "data/state", None, 0).counter()
         assert orig.status() == "stopped"
 
-        ph = container("gpu-ph", PLACEHOLDER_ARGS + ["sh", "-c", "echo cold > /data/cold; sleep 1000"])
-        wait_for(lambda: (ph.rootfs / "run/warmstart/placeholder-waiting").exists(), 60,
-                 what="the placeholder to wait")
-        op = agent.run({"type": "restore", "container_id": "gpu-ph", "snapshot": "gpu-c"},
-                       timeout=600)
+        ph = box.placeholder("gpu-ph")
+        op = box.agent.run({"type": "restore", "container_id": "gpu-ph", "snapshot": "gpu-c"},
+                           timeout=600)
         assert op["state"] == "succeeded", (op["error"], op["hint"], op["logs"][-5:])
         assert "gpu-restore" in op["result"]["timings"]
         pid = op["result"]["pid"]
@@ -86,7 +68,3 @@ def test_containerised_cuda_worker_restores_into_a_placeholder(tmp_path: Path) -
         for ns in ("net", "uts", "ipc", "cgroup"):
             assert _ns(pid, ns) == _ns(ph.pid, ns), ns
         assert Path(f"/proc/{pid}/cgroup").read_text() == Path(f"/proc/{ph.pid}/cgroup").read_text()
-    finally:
-        agent.stop()
-        for c in made:
-            c.destroy()
