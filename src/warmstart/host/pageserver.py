@@ -35,7 +35,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -543,6 +543,23 @@ class PageServer:
                 )
         return placed
 
+    @staticmethod
+    def _read(task: _Task, buf: bytearray, offset: int, length: int) -> int:
+        """Read ``length`` bytes of the task's pages image at ``offset`` into ``buf``; its address."""
+        try:
+            got = task.pages.readinto(memoryview(buf)[:length], offset)
+        except OSError as exc:
+            raise CriuError(
+                f"reading the pages image of PID {task.pid} failed: {exc.strerror or exc}",
+                hint="check the snapshot's storage; take a new snapshot if it is damaged",
+            ) from None
+        if got != length:
+            raise CriuError(
+                f"pages image of PID {task.pid} is shorter than its pagemap says",
+                hint="the snapshot is damaged; take a new one",
+            )
+        return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
     def _copy_data(
         self,
         task: _Task,
@@ -561,20 +578,7 @@ class PageServer:
         src = mapped(offset, length) if mapped is not None else None
         buffered = src is None
         if src is None:
-            view = memoryview(buf)[:length]
-            try:
-                got = task.pages.readinto(view, offset)
-            except OSError as exc:
-                raise CriuError(
-                    f"reading the pages image of PID {task.pid} failed: {exc.strerror or exc}",
-                    hint="check the snapshot's storage; take a new snapshot if it is damaged",
-                ) from None
-            if got != length:
-                raise CriuError(
-                    f"pages image of PID {task.pid} is shorter than its pagemap says",
-                    hint="the snapshot is damaged; take a new one",
-                )
-            src = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+            src = self._read(task, buf, offset, length)
         source: int = src
 
         def call(pos: int) -> tuple[int, int]:
@@ -596,61 +600,55 @@ class PageServer:
             tasks = list(self._tasks.values())
         piece = self.check_size if self.check is not None else None
         chunks: list[Chunk] = []
-
-        def piece_of(run: PageRun, pos: int) -> int | None:
-            return None if piece is None else (run.offset + (pos - run.vaddr)) // piece
-
         for task in tasks:
-            batch: list[PageRun] = []
-
-            def flush() -> None:
-                if batch:
-                    chunks.append(Chunk(task.pid, batch[0].vaddr, batch[-1].end,  # noqa: B023
-                                        piece_of(batch[0], batch[0].vaddr), (task, list(batch))))  # noqa: B023
-                    batch.clear()  # noqa: B023
-
-            for run in task.runs:
-                if run.length < SMALL_RUN:
-                    if batch and (piece_of(run, run.vaddr) != piece_of(batch[0], batch[0].vaddr)
-                                  or run.offset + run.length - batch[0].offset > BATCH_SPAN):
-                        flush()
-                    batch.append(run)
-                    continue
-                flush()
-                pos = run.vaddr
-                while pos < run.end:
-                    end = min(run.end, pos + self.chunk)
-                    index = piece_of(run, pos)
-                    if piece is not None and index is not None:
-                        offset = run.offset + (pos - run.vaddr)
-                        end = min(end, pos + (index + 1) * piece - offset)
-                    chunks.append(Chunk(task.pid, pos, end, index, (task, run)))
-                    pos = end
-            flush()
+            mine = list(self._task_chunks(task, piece))
             if piece is not None:
                 size = getattr(task.pages, "size", None)
                 if size is None:
                     size = max((r.offset + r.length for r in task.runs), default=0)
-                seen = {c.piece for c in chunks if c.key == task.pid}
-                chunks += [Chunk(task.pid, 0, 0, i, (task, None))
-                           for i in range(-(-size // piece)) if i not in seen]
+                seen = {c.piece for c in mine}
+                mine += [Chunk(task.pid, 0, 0, i, (task, None))
+                         for i in range(-(-size // piece)) if i not in seen]
+            chunks += mine
         return chunks
 
+    def _task_chunks(self, task: _Task, piece: int | None) -> Iterator[Chunk]:
+        def piece_of(run: PageRun, pos: int) -> int | None:
+            return None if piece is None else (run.offset + (pos - run.vaddr)) // piece
+
+        batch: list[PageRun] = []
+        for run in task.runs:
+            if batch and (run.length >= SMALL_RUN
+                          or piece_of(run, run.vaddr) != piece_of(batch[0], batch[0].vaddr)
+                          or run.offset + run.length - batch[0].offset > BATCH_SPAN):
+                yield self._batch_chunk(task, batch, piece_of(batch[0], batch[0].vaddr))
+                batch = []
+            if run.length < SMALL_RUN:
+                batch.append(run)
+                continue
+            pos = run.vaddr
+            while pos < run.end:
+                end = min(run.end, pos + self.chunk)
+                index = piece_of(run, pos)
+                if piece is not None and index is not None:
+                    end = min(end, pos + (index + 1) * piece - (run.offset + pos - run.vaddr))
+                yield Chunk(task.pid, pos, end, index, (task, run))
+                pos = end
+        if batch:
+            yield self._batch_chunk(task, batch, piece_of(batch[0], batch[0].vaddr))
+
+    @staticmethod
+    def _batch_chunk(task: _Task, batch: list[PageRun], piece: int | None) -> Chunk:
+        return Chunk(task.pid, batch[0].vaddr, batch[-1].end, piece, (task, batch))
+
     def _fill_batch(self, task: _Task, runs: list[PageRun]) -> int:
-        """Place a batch of small runs: one read of the image span, one copy per run."""
+        """Place a batch of small runs: one read of the image span, one copy per run.
+
+        Holes inside the span are read (as zeros) and copied like data: for runs
+        this small, one call per run costs more than the pages it would spare."""
         first, last = runs[0], runs[-1]
         span = last.offset + last.length - first.offset
-        buf = self._buffer(span)
-        view = memoryview(buf)[:span]
-        try:
-            got = task.pages.readinto(view, first.offset)
-        except OSError as exc:
-            raise CriuError(f"reading the pages image of PID {task.pid} failed: {exc.strerror or exc}",
-                            hint="check the snapshot's storage; take a new snapshot if it is damaged") from None
-        if got != span:
-            raise CriuError(f"pages image of PID {task.pid} is shorter than its pagemap says",
-                            hint="the snapshot is damaged; take a new one")
-        base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        base = self._read(task, self._buffer(span), first.offset, span)
         placed = 0
         for run in runs:
             parts = [(run.vaddr, run.end)]
@@ -661,13 +659,14 @@ class PageServer:
                 src = base + run.offset - first.offset + start - run.vaddr
                 err, done = uffd.copy(task.fd, start, src, end - start)
                 placed += done
-                if err:  # a fault beat us to a page, a layout change...: the careful path
-                    def call(pos: int, start: int = start, end: int = end, src: int = src) -> tuple[int, int]:
-                        return uffd.copy(task.fd, start + done + pos, src + done + pos, end - start - done - pos)
+                if err:  # a fault beat us to a page, a layout change...: the careful way on
+                    at, left = start + done, end - start - done
 
-                    if err == errno.EEXIST:
-                        done += PAGE_SIZE
-                    placed += self._place(task, end - start - done, call, "copying pages into", wait=True)
+                    def call(pos: int, at: int = at, src: int = src + done,
+                             left: int = left) -> tuple[int, int]:
+                        return uffd.copy(task.fd, at + pos, src + pos, left - pos)
+
+                    placed += self._place(task, left, call, "copying pages into", wait=True)
         return placed
 
     def expected_pids(self) -> set[int]:
