@@ -53,7 +53,6 @@ class FillQueue:
             if any(a > b for a, b in zip(starts, starts[1:], strict=False)):
                 raise ValueError(f"chunks of {key} are not in address order")
         self._left = Counter((c.key, c.piece) for c in self._chunks if c.piece is not None)
-        self.jumps = 0
 
     def __len__(self) -> int:
         return len(self._chunks)
@@ -87,7 +86,6 @@ class FillQueue:
             return
         with self._lock:
             self._cursor = self._indexes[key][j]
-            self.jumps += 1
 
     def done(self, chunk: Chunk) -> bool:
         """Record ``chunk`` as filled; True when that completed its check piece."""
