@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -10,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _support import Tree, assert_continues
+from _support import Tree, assert_continues, wait_for
 from warmstart.errors import CriuError, SnapshotCorrupt
 from warmstart.host.process import kill_tree
 from warmstart.host.pagemap import PAGE_SIZE, PE_LAZY, PE_PRESENT, PageRun, read_pagemap, read_vmas, split_at_vmas
@@ -266,3 +270,149 @@ def test_a_shortened_pages_image_is_refused_by_size_and_nothing_runs(tree_factor
     assert not psutil.pid_exists(result.manifest.tree.root_pid) or (
         psutil.Process(result.manifest.tree.root_pid).status() == psutil.STATUS_ZOMBIE
     )
+
+
+#: A witness for zero pages: MIB of patterned pages, one page checked every 10 ms in a stride
+#: order (so neither the fill nor the fault-around gets ahead of it); a wrong byte is written to
+#: STATE/CORRUPT, the count of checks to STATE/count.
+_WITNESS = """
+import os, sys, time
+state, mib = sys.argv[1], int(sys.argv[2])
+PAGE = 4096
+n = (mib << 20) // PAGE
+memory = bytearray(bytes(range(256)) * 16 * n)
+
+def header(i):
+    return (i * 0x9E3779B97F4A7C15 + 1 & (1 << 64) - 1).to_bytes(8, "little")
+
+for i in range(n):
+    memory[i * PAGE : i * PAGE + 8] = header(i)
+status = os.open(os.path.join(state, "count"), os.O_RDWR | os.O_CREAT, 0o644)
+count = i = 0
+while True:
+    i = (i + 7919) % n
+    at = i * PAGE
+    if memory[at : at + 8] != header(i) or memory[at + PAGE - 1] != 255:
+        with open(os.path.join(state, "CORRUPT"), "a") as f:
+            f.write(f"page {i}: {bytes(memory[at : at + 8]).hex()}\\n")
+    count += 1
+    os.pwrite(status, str(count).encode().ljust(20), 0)
+    time.sleep(0.01)
+"""
+
+#: A lazy restore whose fill takes 0.5 s per chunk (faults are served at full speed); it writes
+#: the PIDs of the tasks to MARKER once they run.
+_SLOW_RESTORE = """
+import sys, time
+from pathlib import Path
+from warmstart.host.pageserver import PageServer
+from warmstart.snapshot.restore import RestoreRequest, restore
+from warmstart.store.local import LocalStore
+
+store, name, marker = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+copy, resumed = PageServer._copy, PageServer.tasks_resumed
+
+def slow_copy(self, *args, wait=True, **kwargs):
+    if wait:  # the fill's copies, not the event thread's
+        time.sleep(0.5)
+    return copy(self, *args, wait=wait, **kwargs)
+
+def tasks_resumed(self):
+    resumed(self)
+    marker.write_text(" ".join(map(str, sorted(self.task_fds()))))
+
+PageServer._copy = slow_copy
+PageServer.tasks_resumed = tasks_resumed
+restore(name, store=LocalStore(store), request=RestoreRequest(lazy=True, verify=False, page_threads=1))
+"""
+
+
+#: Runs argv[2:] (the restore) as a child subreaper, so the restored tree becomes its child
+#: once CRIU exits: it prints the restore's PID and writes "PID STATUS" to argv[1] for each exit.
+_REAPER = """
+import ctypes, os, subprocess, sys
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+print(subprocess.Popen(sys.argv[2:]).pid, flush=True)
+with open(sys.argv[1], "a", buffering=1) as out:
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        out.write(f"{pid} {status}\\n")
+"""
+
+
+def _count(state: Path) -> int:
+    try:
+        return int((state / "count").read_bytes().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _exits(path: Path) -> dict[int, int]:
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    return {int(pid): int(status) for pid, status in (line.split() for line in lines if line.strip())}
+
+
+@pytest.mark.criu
+def test_lazy_restore_whose_restorer_is_killed_mid_fill_kills_the_tree_before_it_reads_zeros(
+    tmp_path: Path, store_dir: Path
+) -> None:
+    """``warmstart restore --lazy`` SIGKILLed mid-fill: its keeper kills the tree, which reads no zeros."""
+    state = tmp_path / "witness"
+    state.mkdir()
+    original = subprocess.Popen(
+        [sys.executable, "-c", _WITNESS, str(state), "128"],
+        stdin=subprocess.DEVNULL,
+        stdout=open(state / "stdout", "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    reaper: subprocess.Popen[str] | None = None
+    try:
+        wait_for(lambda: _count(state) > 5, 60, what="the witness to start")
+        store = LocalStore(store_dir)
+        checkpoint(original.pid, store=store, name="kept")
+        original.wait(timeout=10)
+        marker, exits = tmp_path / "resumed", tmp_path / "exits"
+        reaper = subprocess.Popen(
+            [sys.executable, "-c", _REAPER, str(exits),
+             sys.executable, "-c", _SLOW_RESTORE, str(store_dir), "kept", str(marker)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=open(tmp_path / "restorer.log", "ab"),
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")},
+        )  # fmt: skip
+        assert reaper.stdout is not None
+        restorer = int(reaper.stdout.readline())
+        wait_for(lambda: marker.exists() and marker.read_text().strip(), 60, what="the tasks to resume")
+        pids = [int(p) for p in marker.read_text().split()]
+        assert pids == [original.pid]
+        start = _count(state)
+        wait_for(lambda: _count(state) > start + 5, 10, what="the restored witness to run")
+        assert restorer not in _exits(exits), (tmp_path / "restorer.log").read_text()  # still filling
+        os.kill(restorer, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while not set(pids) <= _exits(exits).keys() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        corrupt = state / "CORRUPT"
+        assert not corrupt.exists(), f"the witness read zero pages: {corrupt.read_text()[:200]}"
+        status = _exits(exits).get(original.pid)
+        assert status is not None, "the restored tree outlived its restore"
+        # killed (by the keeper), not crashed on a zero page of its own (SIGSEGV without it)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
+            f"the witness ended with wait status {status:#x}, not SIGKILL"
+        )
+    finally:
+        if reaper is not None:
+            kill_tree(reaper.pid)  # the restore, its keeper, the restored tree (the reaper's now)
+            reaper.wait()
+        kill_tree(original.pid)
+        if original.poll() is None:
+            original.kill()
+            original.wait()

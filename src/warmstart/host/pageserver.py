@@ -673,6 +673,11 @@ class PageServer:
         """The tasks CRIU will hand over: every task with a pagemap image (zombies have none)."""
         return task_pids(self.images)
 
+    def task_fds(self) -> dict[int, int]:
+        """PID -> userfaultfd of every task handed over so far (for a keeper to hold copies)."""
+        with self._lock:
+            return {task.pid: task.fd for task in self._tasks.values()}
+
     def fill(self, timeout: float = 5.0) -> FillStats:
         """Copy every lazy page into every task, in parallel; raise on any failure.
 

@@ -24,11 +24,12 @@ from typing import Protocol
 import psutil
 
 from warmstart import protocol
-from warmstart.errors import SnapshotCorrupt, UsageError
+from warmstart.errors import CriuError, SnapshotCorrupt, UsageError
 from warmstart.host import process as proc
 from warmstart.host import uffd
 from warmstart.host.criu import Criu, DumpOptions, RestoreOptions, find_criu
 from warmstart.host.filereads import FileReadahead
+from warmstart.host.keeper import Keeper
 from warmstart.host.pageserver import (
     FillStats,
     PageServer,
@@ -270,6 +271,7 @@ def restore(
             else None
         )
         filling: Future[FillStats] | None = None
+        keeper: Keeper | None = None
         readahead: Prefetch | None = None
         # What CRIU will read of the tree's own files (lookups, copy-on-write pages): ahead of it.
         file_reads = FileReadahead(criu_images, sorted(task_pids(criu_images)), root=request.file_root).start()
@@ -292,6 +294,8 @@ def restore(
                 _wait_verified(timer, verifying, fill_check)
             if request.control_dir is not None:
                 _clear_markers(Path(request.control_dir))
+            if server is not None and request.lazy:  # the fill outlives this process if it is killed
+                keeper = stack.enter_context(_keeper(server, root_pid))
             with timer.phase("resume"):
                 proc.continue_tree(root_pid)
             # The worker's mapped files (libraries): read in beside the GPU restore,
@@ -308,6 +312,8 @@ def restore(
             if filling is not None and server is not None:
                 with timer.phase("page-fill-wait"):
                     filled_bytes = filling.result().bytes
+                    if keeper is not None:
+                        keeper.release()  # every page is placed
                     server.close()
                 timer.set_bytes("page-fill-wait", filled_bytes)
                 if incoming is not None:
@@ -323,6 +329,8 @@ def restore(
                     pending.cancel()
             if root_pid is not None:
                 proc.kill_tree(root_pid)  # before the page server closes: no task reads a missing page
+            if keeper is not None:
+                keeper.release()  # the tree is dead (if killing it failed, leaving the stack aborts)
             if server is not None:
                 server.close()
             if incoming is not None:
@@ -336,6 +344,23 @@ def restore(
         timer.add("  prefetch", 0.0, readahead.requested)
     timer.stop()
     return RestoreResult(pid=root_pid, manifest=manifest, timer=timer, log=log)
+
+
+def _keeper(server: PageServer, root_pid: int, timeout: float = 5.0) -> Keeper:
+    """A keeper of every task's userfaultfd (host/keeper.py), to start before any task runs.
+
+    CRIU has sent every descriptor when it returns, but the last ones may still be on
+    their way into the page server: wait for them, as :meth:`PageServer.fill` does."""
+    expected = server.expected_pids()
+    deadline = time.monotonic() + timeout
+    while not expected <= (fds := server.task_fds()).keys():
+        if time.monotonic() > deadline:
+            missing = sorted(expected - fds.keys())
+            raise CriuError(
+                f"CRIU never handed over the memory of PID {missing[0]}", hint="retry the restore"
+            )
+        time.sleep(0.0005)
+    return Keeper.start(list(fds.values()), [p.pid for p in proc.tree_processes(root_pid)])
 
 
 def _wait_verified(timer: Timer, verifying: Future[int], fill_check: _FillCheck | None = None) -> None:
