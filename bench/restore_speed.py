@@ -40,7 +40,7 @@ from coldstart import first_token, free_port, serve_cmd  # noqa: E402
 
 from warmstart import protocol  # noqa: E402
 from warmstart.host.criu import DumpOptions, find_criu  # noqa: E402
-from warmstart.host.process import kill_tree  # noqa: E402
+from warmstart.host.process import kill_tree, wait_exits  # noqa: E402
 from warmstart.snapshot.checkpoint import CheckpointOptions, checkpoint  # noqa: E402
 from warmstart.snapshot.manifest import IMAGES_DIR  # noqa: E402
 from warmstart.snapshot.restore import RestoreRequest, restore  # noqa: E402
@@ -61,6 +61,7 @@ def naive(store: LocalStore, name: str, gpu: bool, images: Path | None = None) -
     criu = find_criu()
     pidfile = Path(tempfile.mktemp(prefix="naive-", suffix=".pid"))
     args = DumpOptions.from_record(manifest.criu_options).shared_args()
+    wait_exits(p.pid for p in manifest.tree.processes)  # the checkpoint does not wait for its kill
     t0 = time.perf_counter()
     subprocess.run(
         [str(criu.path), "restore", "-D", str(images), "-d", "--pidfile", str(pidfile), *args,
@@ -136,6 +137,7 @@ def main() -> None:
                     help="lazy: warmstart restore --lazy (runs while the pages are filled); "
                          "prefetch: warmstart restore --prefetch; "
                          "noverify: warmstart restore --no-verify (what the checksums cost)")  # fmt: skip
+    ap.add_argument("--trace", type=Path, help="write each restore's page-server trace here (bench/fill_trace.py)")
     args = ap.parse_args()
     gpu = args.model is not None and args.device.startswith("cuda")
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as d:
@@ -153,10 +155,13 @@ def main() -> None:
         results: dict[str, list[float]] = {}
         phases: dict[str, list[dict[str, float]]] = {}
         for cache in ["warm", "cold"] if args.cold else ["warm"]:
-            for _ in range(args.rounds):
+            for rnd in range(args.rounds):
                 for who in args.modes:
                     if cache == "cold":
                         drop_caches()
+                    if args.trace:
+                        args.trace.mkdir(parents=True, exist_ok=True)
+                        os.environ["WARMSTART_PAGES_TRACE"] = str(args.trace / f"{cache}-{who}-{rnd}.json")
                     if who in ("naive", "naive-dense"):
                         if compressed:
                             continue  # bare CRIU cannot read compressed images

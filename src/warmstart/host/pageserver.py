@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import errno
+import json
 import logging
 import mmap
 import os
@@ -39,7 +40,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from warmstart.errors import CriuError
 from warmstart.host import uffd
@@ -219,6 +220,10 @@ class PageServer:
         self.readahead = readahead
         #: Copy from the mapped image where the source allows (False: always pread first).
         self.zero_copy = zero_copy
+        #: Debugging: a file that receives every fault and every filled chunk, with
+        #: their times, as JSON when the server closes (``WARMSTART_PAGES_TRACE``).
+        self.trace_path = os.environ.get("WARMSTART_PAGES_TRACE") or None
+        self._trace: list[tuple[Any, ...]] = []
         self.socket_path = Path(work_dir) / SOCKET_NAME
         self.threads = threads or default_threads()
         self.chunk = max(PAGE_SIZE, chunk - chunk % PAGE_SIZE)
@@ -278,6 +283,9 @@ class PageServer:
             self._listener.close()
             self._listener = None
         self.socket_path.unlink(missing_ok=True)
+        if self.trace_path:
+            Path(self.trace_path).write_text(json.dumps({"events": self._trace}))
+            self.trace_path = None
         with self._lock:
             for task in self._tasks.values():
                 try:
@@ -458,6 +466,8 @@ class PageServer:
                     uffd.wake(task.fd, addr, PAGE_SIZE)
             return
         log.debug("fault PID %d %#x: run %#x+%d, placed %d", task.pid, addr, run.vaddr, run.length, placed)
+        if self.trace_path:
+            self._trace.append(("fault", time.perf_counter(), task.pid, addr, placed))
         uffd.wake(task.fd, addr, PAGE_SIZE)
         queue = self._queue
         if queue is not None:  # a running task reads here: fill on from here
@@ -714,6 +724,7 @@ class PageServer:
                     if chunk is None:
                         break
                     task, run = chunk.payload
+                    began, before = time.perf_counter(), moved
                     if isinstance(run, list):
                         with self._batches:
                             moved += self._fill_batch(task, run)
@@ -722,6 +733,10 @@ class PageServer:
                             parts = task.live_parts(chunk.start, chunk.end)
                         buf = self._buffer(self.chunk)
                         moved += sum(self._copy(task, run, s, e, buf) for s, e in parts)
+                    if self.trace_path:
+                        self._trace.append(
+                            ("chunk", began, time.perf_counter(), task.pid, chunk.start, chunk.end, moved - before)
+                        )
                     if queue.done(chunk):
                         self._check_piece(task, chunk.piece)
             except BaseException:
