@@ -11,10 +11,12 @@ through a dump (see :mod:`warmstart.snapshot.guard` for what resumes the tree).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,6 +240,79 @@ def probe_version(path: Path) -> CriuVersion:
     return CriuVersion.parse(proc.stdout + proc.stderr)
 
 
+def version_cache_path() -> Path:
+    """Where :func:`cached_version` keeps what ``criu --version`` said, per binary."""
+    return Path(os.environ.get("WARMSTART_CACHE", "/var/cache/warmstart")) / "criu-version.json"
+
+
+#: Largest number of binaries the cache file remembers.
+_CACHE_ENTRIES = 16
+#: path -> (identity of the file it named, its version), for this process.
+_versions: dict[str, tuple[tuple[int, ...], CriuVersion]] = {}
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    # ctime too: no one can set it, and it moves on every write to the file
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _load_cache(path: Path) -> dict[str, dict[str, object]]:
+    try:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            # only a file of ours (or root's), that no one else may write, is believed
+            if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+                return {}
+            doc = json.loads(fh.read())
+        return doc if isinstance(doc, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_cache(path: Path, doc: dict[str, dict[str, object]]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(doc, fh)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache: the next run asks criu again
+
+
+def cached_version(path: Path) -> CriuVersion:
+    """:func:`probe_version`, remembered per binary (in this process and in
+    :func:`version_cache_path`) as long as the file it names is unchanged: same
+    device, inode, size, mtime and ctime (a symlink is followed)."""
+    st = os.stat(path)
+    ident = _identity(st)
+    key = str(path)
+    hit = _versions.get(key)
+    if hit is not None and hit[0] == ident:
+        return hit[1]
+    cache = version_cache_path()
+    doc = _load_cache(cache)
+    entry = doc.get(key)
+    if isinstance(entry, dict) and entry.get("identity") == list(ident):
+        try:
+            version = CriuVersion.parse(f"Version: {entry['version']}")
+        except (KeyError, TypeError, ValueError):
+            pass
+        else:
+            _versions[key] = (ident, version)
+            return version
+    version = probe_version(path)
+    # the binary may have been replaced while it ran: remember it only if it was not
+    if _identity(os.stat(path)) == ident:
+        _versions[key] = (ident, version)
+        doc = {k: v for k, v in doc.items() if k != key and os.path.exists(k)}
+        doc = dict(list(doc.items())[-(_CACHE_ENTRIES - 1) :])
+        doc[key] = {"identity": list(ident), "version": str(version)}
+        _save_cache(cache, doc)
+    return version
+
+
 def find_criu(path: str | os.PathLike[str] | None = None, *, require_root: bool = True) -> Criu:
     """Locate a CRIU >= 4.1; raise a one-line error naming what is wrong."""
     too_old: list[str] = []
@@ -245,7 +320,7 @@ def find_criu(path: str | os.PathLike[str] | None = None, *, require_root: bool 
         if not (candidate.is_file() and os.access(candidate, os.X_OK)):
             continue
         try:
-            version = probe_version(candidate)
+            version = cached_version(candidate)
         except (OSError, ValueError, subprocess.TimeoutExpired):
             continue
         if (version.major, version.minor) < MIN_VERSION:
