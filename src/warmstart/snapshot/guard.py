@@ -12,20 +12,28 @@ warmstart:
 * end of file without ``done`` — warmstart is gone: wait for CRIU to exit,
   roll the GPU state back, SIGCONT every process of the tree.
 
-Run as ``python -m warmstart.snapshot.guard --pids 1,2 --cuda-pids 1``.
+Every checkpoint starts one, so the watch is cheap: this file runs as a script
+(``python -s -S -P guard.py --pids 1,2 --cuda-pids 1``) that imports nothing but
+``os`` and ``sys`` until it has to act. Only then does it become
+``python -m warmstart.snapshot.guard --recover ...`` (warmstart's environment,
+what the recovery needs: psutil, the CUDA driver). warmstart does not wait for
+it to exit after ``done``: once that line is in the pipe the guard can only
+read it and exit, and a thread of warmstart's reaps it.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
+
+TYPE_CHECKING = False  # typing's own costs the watch more than the rest of its start
+if TYPE_CHECKING:
+    import subprocess
 
 
 def _wait_gone(pid: int, timeout: float = 600.0) -> None:
+    import time
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -51,44 +59,95 @@ def recover(pids: list[int], cuda_pids: list[int], criu_pid: int | None) -> None
     continue_pids(pids)  # with descendants forked since the tree was listed
 
 
+def _parse(argv: list[str]) -> dict[str, str]:
+    """``--name value`` pairs and bare ``--flag``s (argparse costs more than the whole watch)."""
+    known = {"--pids": True, "--cuda-pids": True, "--criu-pid": True, "--recover": False}
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg, value = argv[i], None
+        if "=" in arg:
+            arg, value = arg.split("=", 1)
+        if arg not in known:
+            raise SystemExit(f"warmstart-guard: unknown argument {argv[i]!r}")
+        if known[arg] and value is None:
+            i += 1
+            if i == len(argv):
+                raise SystemExit(f"warmstart-guard: {arg} needs a value")
+            value = argv[i]
+        out[arg] = value if value is not None else ""
+        i += 1
+    if "--pids" not in out:
+        raise SystemExit("warmstart-guard: --pids is required")
+    return out
+
+
+def _ints(text: str) -> list[int]:
+    return [int(p) for p in text.split(",") if p]
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="warmstart-guard")
-    ap.add_argument("--pids", required=True)
-    ap.add_argument("--cuda-pids", default="")
-    args = ap.parse_args(argv)
-    pids = [int(p) for p in args.pids.split(",") if p]
-    cuda = [int(p) for p in args.cuda_pids.split(",") if p]
-    criu_pid: int | None = None
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    pids, cuda = _ints(args["--pids"]), _ints(args.get("--cuda-pids", ""))
+    criu_pid = int(args["--criu-pid"]) if args.get("--criu-pid") else None
+    if "--recover" in args:
+        recover(pids, cuda, criu_pid)
+        return 0
     for line in sys.stdin:
         word, _, value = line.strip().partition(" ")
         if word == "done":
             return 0
         if word == "criu":
             criu_pid = int(value)
-    recover(pids, cuda, criu_pid)
+    # warmstart is gone. Wait for CRIU here (it may still be dumping), then act.
+    if criu_pid:
+        _wait_gone(criu_pid)
+    if "warmstart" in sys.modules:  # run with -m: warmstart's environment is here already
+        recover(pids, cuda, None)
+        return 0
+    cmd = [sys.executable, "-m", "warmstart.snapshot.guard", "--recover", "--pids", args["--pids"],
+           "--cuda-pids", args.get("--cuda-pids", "")]  # fmt: skip
+    try:
+        os.execv(sys.executable, cmd)
+    except OSError as exc:  # no Python to recover with: resume what we know of the tree
+        print(f"warmstart guard: cannot run the recovery ({exc}); sending SIGCONT", file=sys.stderr)
+        import signal
+
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
     return 0
 
 
-@dataclass
 class Guard:
     """warmstart's end of the pipe."""
 
-    popen: subprocess.Popen[str]
+    def __init__(self, popen: subprocess.Popen[str]) -> None:
+        self.popen = popen
+
+    @staticmethod
+    def command(pids: list[int], cuda_pids: list[int]) -> list[str]:
+        args = ["--pids", ",".join(map(str, pids)), "--cuda-pids", ",".join(map(str, cuda_pids))]
+        script = os.path.abspath(__file__)
+        if script.endswith(".py") and os.path.isfile(script):
+            # no site-packages, no script directory on sys.path: the watch imports only os and sys
+            return [sys.executable, "-s", "-S", "-P", script, *args]
+        return [sys.executable, "-m", "warmstart.snapshot.guard", *args]
 
     @classmethod
     def start(cls, pids: list[int], cuda_pids: list[int]) -> Guard:
+        import subprocess
+
         popen = subprocess.Popen(
-            [
-                sys.executable, "-m", "warmstart.snapshot.guard",
-                "--pids", ",".join(map(str, pids)),
-                "--cuda-pids", ",".join(map(str, cuda_pids)),
-            ],
+            cls.command(pids, cuda_pids),
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
             text=True,
-        )  # fmt: skip
+        )
         return cls(popen)
 
     def _say(self, line: str) -> None:
@@ -103,11 +162,20 @@ class Guard:
         self._say(f"criu {pid}")
 
     def done(self) -> None:
-        """The checkpoint is over (either way): the guard must not act."""
+        """The checkpoint is over (either way): the guard must not act.
+
+        ``done`` is in the pipe before it closes, so the guard reads it before
+        any end of file and exits without acting, whether or not warmstart is
+        still there; its exit is not waited for (a thread reaps it)."""
+        import threading
+
         self._say("done")
         if self.popen.stdin:
-            self.popen.stdin.close()
-        self.popen.wait()
+            try:
+                self.popen.stdin.close()
+            except BrokenPipeError:
+                pass
+        threading.Thread(target=self.popen.wait, name="guard-reaper", daemon=True).start()
 
 
 if __name__ == "__main__":
