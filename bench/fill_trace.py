@@ -26,6 +26,11 @@ def summarize(path: Path) -> str:
     busy = sum(e[2] - e[1] for e in chunks)
     lines = [f"{path.name}: {len(chunks)} chunks, {placed / 1e9:.2f} GB in {took:.3f} s "
              f"({placed / took / 1e9 if took else 0:.2f} GB/s; threads busy {busy:.2f} s in all)"]  # fmt: skip
+    batches = [e for e in chunks if len(e) > 7 and e[7]]
+    if batches:
+        lines.append(f"  batches of small runs: {len(batches)}, {sum(e[8] for e in batches)} runs, "
+                     f"{sum(e[6] for e in batches) / 1e9:.2f} GB, {sum(e[2] - e[1] for e in batches):.3f} s "
+                     f"(one at a time), last done at {max(e[2] for e in batches) - t0:.3f} s")  # fmt: skip
     if faults:
         ts = sorted(f[1] - t0 for f in faults)
         addrs = [f[3] for f in sorted(faults, key=lambda f: f[1])]

@@ -193,6 +193,8 @@ def snapshot_and_restores(model: Path, work: Path, name: str, kv: float, gms: Pa
         for stale in (protocol.RESTORE_COMPLETE, protocol.RESTORE_CONTEXT):  # of the previous restore
             (cdir / stale).unlink(missing_ok=True)
         port = free_port()
+        if trace := os.environ.get("GMS_BENCH_TRACE"):  # page-server traces (bench/fill_trace.py)
+            os.environ["WARMSTART_PAGES_TRACE"] = f"{trace}/{name}-{label}.json"
         t2 = time.perf_counter()
         r = restore(name, store=store, request=RestoreRequest(control_dir=cdir, env={"WARMSTART_PORT": str(port)}))
         out[f"{label}_restore_call_s"] = time.perf_counter() - t2
@@ -214,8 +216,12 @@ def main() -> int:
     ap.add_argument("--skip-inprocess", action="store_true", help="skip the naive snapshot and the cold start")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--trace", type=Path, default=None, help="write each restore's page-server trace here")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu to smoke-test this script (memfd service)")
     args = ap.parse_args()
+    if args.trace:
+        args.trace.mkdir(parents=True, exist_ok=True)
+        os.environ["GMS_BENCH_TRACE"] = str(args.trace)
     global DEVICE
     DEVICE = args.device
 

@@ -86,10 +86,10 @@ def assert_continues(tree: Tree, pid: int, before: dict) -> None:
         kill_tree(pid)
 
 
-def start_tree(state: Path, mem_mib: int = 16, zero_mib: int = 0) -> Tree:
+def start_tree(state: Path, mem_mib: int = 16, zero_mib: int = 0, scatter_runs: int = 0) -> Tree:
     state.mkdir(parents=True, exist_ok=True)
     popen = subprocess.Popen(
-        [sys.executable, str(WORKLOADS / "tree.py"), str(state), str(mem_mib), str(zero_mib)],
+        [sys.executable, str(WORKLOADS / "tree.py"), str(state), str(mem_mib), str(zero_mib), str(scatter_runs)],
         stdin=subprocess.DEVNULL,
         stdout=open(state / "stdout", "ab"),
         stderr=subprocess.STDOUT,

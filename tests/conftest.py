@@ -63,8 +63,8 @@ def store_dir(tmp_path: Path) -> Path:
 def tree_factory(tmp_path: Path) -> Iterator:
     made: list[Tree] = []
 
-    def make(mem_mib: int = 16, name: str = "tree", zero_mib: int = 0) -> Tree:
-        t = start_tree(tmp_path / name, mem_mib, zero_mib)
+    def make(mem_mib: int = 16, name: str = "tree", zero_mib: int = 0, scatter_runs: int = 0) -> Tree:
+        t = start_tree(tmp_path / name, mem_mib, zero_mib, scatter_runs)
         made.append(t)
         return t
 

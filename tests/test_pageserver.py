@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from _support import Tree, assert_continues, wait_for
 from warmstart.errors import CriuError, SnapshotCorrupt
 from warmstart.host.process import kill_tree
+from warmstart.host.pageserver import SMALL_RUN
 from warmstart.host.pagemap import PAGE_SIZE, PE_LAZY, PE_PRESENT, PageRun, read_pagemap, read_vmas, split_at_vmas
 from warmstart.snapshot.checkpoint import CheckpointOptions, checkpoint
 from warmstart.snapshot.manifest import IMAGES_DIR
@@ -159,6 +160,26 @@ def test_lazy_restore_runs_while_filling_and_keeps_every_byte(tree_factory, stor
         # the tree was let run before the fill was over, and the fill still finished
         assert names.index("resume") < names.index("page-fill-wait")
         assert "page-fill" not in names
+        back = Tree(tree.state, None, restored.pid)
+        back.wait_progress()
+        assert back.digests() == before
+    finally:
+        kill_tree(restored.pid)
+
+
+@pytest.mark.criu
+@pytest.mark.parametrize("lazy", [False, True], ids=["fill", "lazy"])
+def test_thousands_of_small_runs_beside_big_ones_keep_every_byte(tree_factory, store_dir: Path, lazy: bool) -> None:
+    # Small runs go to one batch lane while the other threads fill the big runs.
+    tree = tree_factory(mem_mib=64, scatter_runs=3000)
+    before = tree.digests()
+    store = LocalStore(store_dir)
+    checkpoint(tree.pid, store=store, name="scattered")
+    tree.popen.wait(timeout=10)
+    pm = read_pagemap(store.path_of("scattered") / IMAGES_DIR, tree.pid)
+    assert sum(r.length < SMALL_RUN for r in pm.lazy_runs) >= 3000
+    restored = restore("scattered", store=store, request=RestoreRequest(lazy=lazy, page_threads=4))
+    try:
         back = Tree(tree.state, None, restored.pid)
         back.wait_progress()
         assert back.digests() == before

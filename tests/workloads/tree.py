@@ -1,10 +1,12 @@
 """A process tree that exercises what a checkpoint must carry.
 
-Usage: python tree.py STATE_DIR MEM_MIB [ZERO_MIB]
+Usage: python tree.py STATE_DIR MEM_MIB [ZERO_MIB [SCATTER_RUNS]]
 
 The root holds a counter, MEM_MIB of patterned memory, ZERO_MIB of memory
 written with zeros (present pages, as a GPU checkpoint's host copy has) with
-one data byte every 3 MiB, a file it appends to,
+one data byte every 3 MiB, SCATTER_RUNS short runs of written pages (1 to 8
+pages each, every 64 KiB, untouched pages between them: the many small runs of
+a real worker's heap), a file it appends to,
 a thread with its own counter, a pipe to a child (which appends what it reads
 to its own file), a unix socket pair, a memfd, a deleted-but-open file and an
 flock. Every tick it writes ``status.json`` atomically. Touching ``verify``
@@ -14,6 +16,7 @@ in STATE_DIR makes it hash its memory, memfd and deleted file into the status.
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import socket
 import subprocess
@@ -24,6 +27,7 @@ import time
 state = sys.argv[1]
 mem_mib = int(sys.argv[2])
 zero_mib = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+scatter_runs = int(sys.argv[4]) if len(sys.argv) > 4 else 0
 
 pattern = bytes(range(256)) * 4096  # 1 MiB
 memory = bytearray(pattern * mem_mib)
@@ -36,6 +40,11 @@ for i in range(0, len(zeros), 4096):  # present pages that hold zeros, not the s
     zeros[i] = 0
 for i in range(12345, len(zeros), 3 << 20):
     zeros[i] = 0x5A
+
+scattered = mmap.mmap(-1, max(scatter_runs, 1) << 16, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for i in range(scatter_runs):
+    run = (i % 8 + 1) << 12
+    scattered[i << 16 : (i << 16) + run] = (i.to_bytes(4, "little") * (run // 4))
 
 log = open(os.path.join(state, "counter.log"), "a", buffering=1)
 lockf = open(os.path.join(state, "lockfile"), "w")
@@ -79,6 +88,7 @@ def digest() -> dict:
     return {
         "memory": hashlib.sha256(memory).hexdigest(),
         "zeros": hashlib.sha256(zeros).hexdigest(),
+        "scattered": hashlib.sha256(scattered).hexdigest(),
         "memfd": hashlib.sha256(os.read(memfd, 1 << 20)).hexdigest(),
         "deleted": hashlib.sha256(deleted.read()).hexdigest(),
     }

@@ -36,6 +36,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -242,7 +243,7 @@ class PageServer:
         self._threads: list[threading.Thread] = []
         self._local = threading.local()
         self._queue: FillQueue | None = None  # while fill() runs
-        self._batches = threading.Lock()  # one thread at a time fills small runs
+        self._batches = threading.Lock()  # held by the thread filling small runs (the batch lane)
 
     # -- lifecycle -------------------------------------------------------
     def __enter__(self) -> PageServer:
@@ -715,30 +716,54 @@ class PageServer:
 
         failed = threading.Event()
         queue = self._queue = FillQueue(self._chunks())
+        small: deque[Chunk] = deque()  # batches of small runs, waiting for the one batch lane
+
+        def stopped() -> bool:
+            return self._cancelled.is_set() or failed.is_set()
+
+        def place(chunk: Chunk) -> int:
+            task, run = chunk.payload
+            began = time.perf_counter()
+            if isinstance(run, list):
+                moved = self._fill_batch(task, run)
+            elif run is not None:
+                with self._lock:  # a running (lazy) task may have dropped parts since
+                    parts = task.live_parts(chunk.start, chunk.end)
+                buf = self._buffer(self.chunk)
+                moved = sum(self._copy(task, run, s, e, buf) for s, e in parts)
+            else:
+                moved = 0
+            if self.trace_path:
+                batch = len(run) if isinstance(run, list) else 0
+                self._trace.append(("chunk", began, time.perf_counter(), task.pid, chunk.start, chunk.end, moved,
+                                    bool(batch), batch or 1))  # fmt: skip
+            if queue.done(chunk):
+                self._check_piece(task, chunk.piece)
+            return moved
+
+        def batch_lane() -> int:
+            """Fill waiting batches if no other thread is: one lane, and nobody waits for it."""
+            moved = 0
+            while small and not stopped() and self._batches.acquire(blocking=False):
+                try:
+                    while small and not stopped():
+                        moved += place(small.popleft())
+                finally:
+                    self._batches.release()
+            return moved  # (a batch queued after the loop's last look finds the lock free)
 
         def worker() -> int:
             moved = 0
             try:
-                while not (self._cancelled.is_set() or failed.is_set()):
+                while not stopped():
                     chunk = queue.take()
                     if chunk is None:
                         break
-                    task, run = chunk.payload
-                    began, before = time.perf_counter(), moved
-                    if isinstance(run, list):
-                        with self._batches:
-                            moved += self._fill_batch(task, run)
-                    elif run is not None:
-                        with self._lock:  # a running (lazy) task may have dropped parts since
-                            parts = task.live_parts(chunk.start, chunk.end)
-                        buf = self._buffer(self.chunk)
-                        moved += sum(self._copy(task, run, s, e, buf) for s, e in parts)
-                    if self.trace_path:
-                        self._trace.append(
-                            ("chunk", began, time.perf_counter(), task.pid, chunk.start, chunk.end, moved - before)
-                        )
-                    if queue.done(chunk):
-                        self._check_piece(task, chunk.piece)
+                    if isinstance(chunk.payload[1], list):
+                        small.append(chunk)
+                        moved += batch_lane()
+                    else:
+                        moved += place(chunk)
             except BaseException:
                 failed.set()  # the other threads stop copying
                 raise
