@@ -38,7 +38,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -70,11 +70,17 @@ READAHEAD_THREADS = 4
 #: Bytes served around a faulting address (prefetch for the fault's neighbours).
 FAULT_CHUNK = 256 << 10
 #: Runs shorter than this are filled in batches (one read, then one bare ``UFFDIO_COPY``
-#: each) by one thread at a time: per run the cost is Python's, not the kernel's, and
-#: threads that take turns at the GIL for many short calls only slow each other down.
+#: each, the GIL kept) by one thread at a time, the batch lane: per run the cost is
+#: Python's, not the kernel's, and threads that take turns at the GIL for many short
+#: calls only slow each other down.
 SMALL_RUN = 256 << 10
 #: Most image bytes one batch of small runs spans.
 BATCH_SPAN = 8 << 20
+
+
+#: Threads that check the pages image's pieces as the fill completes them (hashing
+#: from the page cache runs at several GB/s a thread; a piece is 64 MiB).
+CHECKERS = 4
 
 
 def default_threads() -> int:
@@ -668,7 +674,7 @@ class PageServer:
                     parts = task.live_parts(run.vaddr, run.end)
             for start, end in parts:
                 src = base + run.offset - first.offset + start - run.vaddr
-                err, done = uffd.copy(task.fd, start, src, end - start)
+                err, done = uffd.copy_small(task.fd, start, src, end - start)
                 placed += done
                 if err:  # a fault beat us to a page, a layout change...: the careful way on
                     at, left = start + done, end - start - done
@@ -717,6 +723,7 @@ class PageServer:
         failed = threading.Event()
         queue = self._queue = FillQueue(self._chunks())
         small: deque[Chunk] = deque()  # batches of small runs, waiting for the one batch lane
+        checks: list[Future[None]] = []
 
         def stopped() -> bool:
             return self._cancelled.is_set() or failed.is_set()
@@ -737,8 +744,8 @@ class PageServer:
                 batch = len(run) if isinstance(run, list) else 0
                 self._trace.append(("chunk", began, time.perf_counter(), task.pid, chunk.start, chunk.end, moved,
                                     bool(batch), batch or 1))  # fmt: skip
-            if queue.done(chunk):
-                self._check_piece(task, chunk.piece)
+            if queue.done(chunk):  # hashed on the checkers: never in the lane's way
+                checks.append(checkers.submit(self._check_piece, task, chunk.piece))
             return moved
 
         def batch_lane() -> int:
@@ -770,9 +777,14 @@ class PageServer:
             return moved
 
         try:
-            with ThreadPoolExecutor(self.threads, thread_name_prefix="pages-fill") as pool:
+            with (
+                ThreadPoolExecutor(CHECKERS, thread_name_prefix="pages-check") as checkers,
+                ThreadPoolExecutor(self.threads, thread_name_prefix="pages-fill") as pool,
+            ):
                 futures = [pool.submit(worker) for _ in range(min(self.threads, len(queue)) or 1)]
                 moved = sum(f.result() for f in futures)
+                for check in checks:
+                    check.result()
         finally:
             self._queue = None
         self._raise_errors()

@@ -52,6 +52,7 @@ MSG_SIZE = 32
 _SYS_USERFAULTFD = 323  # x86_64
 
 _libc: ctypes.CDLL | None = None
+_libc_gil: ctypes.PyDLL | None = None
 
 
 def _lib() -> ctypes.CDLL:
@@ -61,6 +62,16 @@ def _lib() -> ctypes.CDLL:
         _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
         _libc.ioctl.restype = ctypes.c_int
     return _libc
+
+
+def _lib_gil() -> ctypes.PyDLL:
+    """libc through ``PyDLL``: calls keep the GIL (see :func:`copy_small`)."""
+    global _libc_gil
+    if _libc_gil is None:
+        _libc_gil = ctypes.PyDLL(None, use_errno=True)
+        _libc_gil.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+        _libc_gil.ioctl.restype = ctypes.c_int
+    return _libc_gil
 
 
 def _ioctl(fd: int, request: int, arg: ctypes.Structure) -> int:
@@ -83,6 +94,18 @@ def copy(fd: int, dst: int, src: int, length: int) -> tuple[int, int]:
     if err == 0:
         copied = length
     return err, copied
+
+
+def copy_small(fd: int, dst: int, src: int, length: int) -> tuple[int, int]:
+    """:func:`copy` for a few pages, keeping the GIL across the ioctl.
+
+    Copying a run of a few pages takes microseconds; giving the GIL away and
+    winning it back from threads busy with big copies can take a millisecond.
+    One thread filling thousands of small runs is starved that way."""
+    arg = _Copy(dst=dst, src=src, len=length, mode=0, copy=0)
+    if _lib_gil().ioctl(fd, UFFDIO_COPY, ctypes.addressof(arg)) == 0:
+        return 0, length
+    return ctypes.get_errno(), arg.copy if arg.copy > 0 else 0
 
 
 def zeropage(fd: int, start: int, length: int) -> int:
