@@ -437,3 +437,22 @@ def test_lazy_restore_whose_restorer_is_killed_mid_fill_kills_the_tree_before_it
         if original.poll() is None:
             original.kill()
             original.wait()
+
+
+@given(st.lists(st.tuples(st.integers(1, 40), st.booleans()), max_size=30))
+def test_short_holes_are_copied_as_data_and_long_ones_kept(parts: list[tuple[int, bool]]) -> None:
+    from warmstart.host.pageserver import SMALL_HOLE, _coarse
+
+    unit = 64 << 10
+    split, pos = [], 0
+    for blocks, is_hole in parts:  # what HoleMap.split gives: alternating, contiguous
+        if split and split[-1][2] == is_hole:
+            is_hole = not is_hole
+        split.append((pos, blocks * unit, is_hole))
+        pos += blocks * unit
+    got = _coarse(split)
+    assert [o for o, _, _ in got] == sorted({o for o, _, _ in got})
+    assert sum(n for _, n, _ in got) == pos and (not got or got[0][0] == 0)
+    assert all(a[0] + a[1] == b[0] and a[2] != b[2] for a, b in zip(got, got[1:], strict=False))
+    long_holes = {(o, n) for o, n, h in split if h and n >= SMALL_HOLE}
+    assert {(o, n) for o, n, h in got if h} == long_holes

@@ -4,7 +4,8 @@ Usage: python tree.py STATE_DIR MEM_MIB [ZERO_MIB [SCATTER_RUNS]]
 
 The root holds a counter, MEM_MIB of patterned memory, ZERO_MIB of memory
 written with zeros (present pages, as a GPU checkpoint's host copy has) with
-one data byte every 3 MiB, SCATTER_RUNS short runs of written pages (1 to 8
+one data byte every 3 MiB and, in its first 4 MiB, in every other 64 KiB,
+SCATTER_RUNS short runs of written pages (1 to 8
 pages each, every 64 KiB, untouched pages between them: the many small runs of
 a real worker's heap), a file it appends to,
 a thread with its own counter, a pipe to a child (which appends what it reads
@@ -40,6 +41,8 @@ for i in range(0, len(zeros), 4096):  # present pages that hold zeros, not the s
     zeros[i] = 0
 for i in range(12345, len(zeros), 3 << 20):
     zeros[i] = 0x5A
+for i in range((64 << 10) + 77, min(len(zeros), 4 << 20), 128 << 10):  # data and holes in turn, 64 KiB each
+    zeros[i] = 0xA5
 
 scattered = mmap.mmap(-1, max(scatter_runs, 1) << 16, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 for i in range(scatter_runs):

@@ -37,7 +37,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +74,9 @@ FAULT_CHUNK = 256 << 10
 #: Python's, not the kernel's, and threads that take turns at the GIL for many short
 #: calls only slow each other down.
 SMALL_RUN = 256 << 10
+#: Holes of a pages image shorter than this are copied like data (they read as
+#: zeros); longer ones get the zero page (see :func:`_coarse`).
+SMALL_HOLE = 1 << 20
 #: Most image bytes one batch of small runs spans.
 BATCH_SPAN = 8 << 20
 
@@ -507,7 +510,7 @@ class PageServer:
         if not holes:
             return self._copy_data(task, run, start, end, buf, wait=wait)
         placed = 0
-        for offset, length, is_hole in holes.split(run.offset + (start - run.vaddr), end - start):
+        for offset, length, is_hole in _coarse(holes.split(run.offset + (start - run.vaddr), end - start)):
             at = run.vaddr + (offset - run.offset)
             if is_hole:
                 placed += self._zero(task, at, at + length, wait=wait)
@@ -809,6 +812,22 @@ class PageServer:
             raise CriuError(
                 f"page server: {self._errors[0]}", hint="retry the restore with --no-parallel-pages"
             )
+
+
+def _coarse(parts: Iterable[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
+    """``parts`` (offset, length, is hole) with holes under :data:`SMALL_HOLE` copied as data.
+
+    A short hole reads as zeros like any other; copying it costs a little memory
+    bandwidth, while a pair of calls per hole (the zero page there, a copy after
+    it), each waiting for the GIL among busy threads, cost milliseconds."""
+    out: list[tuple[int, int, bool]] = []
+    for offset, length, is_hole in parts:
+        is_hole = is_hole and length >= SMALL_HOLE
+        if out and out[-1][2] == is_hole and out[-1][0] + out[-1][1] == offset:
+            out[-1] = (out[-1][0], out[-1][1] + length, is_hole)
+        else:
+            out.append((offset, length, is_hole))
+    return out
 
 
 def task_pids(images: Path) -> set[int]:
