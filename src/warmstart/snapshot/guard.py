@@ -121,6 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+#: Guards told ``done`` that may not have exited yet.
+_exited: list[subprocess.Popen[str]] = []
+
+
+def reap() -> None:
+    """Reap the guards told ``done`` that have exited since (never waits)."""
+    _exited[:] = [p for p in _exited if p.poll() is None]
+
+
 class Guard:
     """warmstart's end of the pipe."""
 
@@ -140,6 +149,7 @@ class Guard:
     def start(cls, pids: list[int], cuda_pids: list[int]) -> Guard:
         import subprocess
 
+        reap()
         popen = subprocess.Popen(
             cls.command(pids, cuda_pids),
             stdin=subprocess.PIPE,
@@ -166,16 +176,16 @@ class Guard:
 
         ``done`` is in the pipe before it closes, so the guard reads it before
         any end of file and exits without acting, whether or not warmstart is
-        still there; its exit is not waited for (a thread reaps it)."""
-        import threading
-
+        still there. Its exit is not waited for: it is reaped by a later
+        :meth:`start` or :meth:`done` (or by init once warmstart exits)."""
         self._say("done")
         if self.popen.stdin:
             try:
                 self.popen.stdin.close()
             except BrokenPipeError:
                 pass
-        threading.Thread(target=self.popen.wait, name="guard-reaper", daemon=True).start()
+        _exited.append(self.popen)
+        reap()
 
 
 if __name__ == "__main__":
