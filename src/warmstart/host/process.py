@@ -6,17 +6,94 @@ import os
 import signal
 import time
 from collections.abc import Iterable
-from pathlib import Path
+from functools import cache
 
 import psutil
 
 from warmstart.errors import UsageError
+from warmstart.host import sockets
+
+
+@cache
+def _children_files() -> bool:
+    """Whether ``/proc/PID/task/TID/children`` exists (CONFIG_PROC_CHILDREN; CRIU needs it too)."""
+    return os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+
+
+def _child_pids(pid: int) -> list[int]:
+    """Children of every thread of ``pid``, ascending (as psutil lists them); empty if gone."""
+    task_dir = f"/proc/{pid}/task"
+    try:
+        tids = os.listdir(task_dir)
+    except OSError:
+        return []
+    found: set[int] = set()
+    for tid in tids:
+        try:
+            with open(f"{task_dir}/{tid}/children", "rb") as fh:
+                found.update(map(int, fh.read().split()))
+        except OSError:
+            continue  # the thread exited meanwhile
+    return sorted(found)
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and all its descendants, root first (psutil.NoSuchProcess if it is gone).
+
+    In the order of psutil's ``children(recursive=True)``, but read from the
+    tree's own ``/proc/PID/task/*/children`` files rather than from every
+    process of the host."""
+    if not _children_files():
+        root = psutil.Process(pid)
+        return [pid, *(c.pid for c in root.children(recursive=True))]
+    if not os.path.isdir(f"/proc/{pid}/task"):
+        raise psutil.NoSuchProcess(pid)
+    out, seen, stack = [pid], {pid}, [pid]
+    while stack:
+        for child in _child_pids(stack.pop()):
+            if child not in seen:
+                seen.add(child)
+                out.append(child)
+                stack.append(child)
+    return out
 
 
 def tree_processes(pid: int) -> list[psutil.Process]:
     """``pid`` and all its descendants, root first."""
     root = psutil.Process(pid)
-    return [root, *root.children(recursive=True)]
+    if not _children_files():
+        return [root, *root.children(recursive=True)]
+    out = [root]
+    for child in tree_pids(pid)[1:]:
+        try:
+            out.append(psutil.Process(child))
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of ``/proc/PID/stat`` after the command name (state first); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read().decode(errors="replace")
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _is_ancestor(pid: int, of: int) -> bool:
+    """Whether ``pid`` is a parent, grand-parent... of ``of``."""
+    seen = set()
+    while of > 0 and of not in seen:
+        seen.add(of)
+        fields = _stat_fields(of)
+        if fields is None:
+            return False
+        of = int(fields[1])
+        if of == pid:
+            return True
+    return False
 
 
 def validate_root(pid: int) -> psutil.Process:
@@ -36,7 +113,7 @@ def validate_root(pid: int) -> psutil.Process:
         raise UsageError(f"no process with PID {pid}", hint="check the PID with `ps`") from None
     if status == psutil.STATUS_ZOMBIE:
         raise UsageError(f"PID {pid} has exited (zombie)", hint="check the PID with `ps`")
-    if os.getpid() in {p.pid for p in tree_processes(pid)}:
+    if _is_ancestor(pid, os.getpid()):
         raise UsageError(
             f"PID {pid} is an ancestor of warmstart itself", hint="pass the worker's own PID"
         )
@@ -44,17 +121,19 @@ def validate_root(pid: int) -> psutil.Process:
 
 
 def established_tcp(pids: Iterable[int]) -> list[str]:
-    """Established TCP connections held by ``pids``, as ``local -> remote`` strings."""
-    wanted = set(pids)
-    out = []
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.pid in wanted and conn.status == psutil.CONN_ESTABLISHED and conn.raddr:
-            out.append(f"{conn.laddr.ip}:{conn.laddr.port} -> {conn.raddr.ip}:{conn.raddr.port}")
-    return out
+    """Established TCP connections held by ``pids``, as ``local -> remote`` strings.
+
+    Only the sockets the tree holds are looked up, in the tables of its own
+    network namespaces (:class:`warmstart.host.sockets.TreeSockets`)."""
+    return sockets.established_tcp(list(pids))
 
 
 def has_terminal(pids: Iterable[int]) -> bool:
     for pid in pids:
+        fields = _stat_fields(pid)
+        # no controlling tty (tty_nr 0): nothing to look up among the /dev nodes
+        if fields is None or fields[4] == "0":
+            continue
         try:
             if psutil.Process(pid).terminal():
                 return True
@@ -111,11 +190,9 @@ _PF_EXITING = 0x4  # include/linux/sched.h: set as a task starts to exit
 
 def exiting(pid: int) -> bool:
     """Whether ``pid`` is dying: killed and tearing down, or a zombie not yet reaped."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    fields = _stat_fields(pid)
+    if fields is None:
         return False  # gone, or never there
-    fields = stat[stat.rindex(")") + 2 :].split()
     return fields[0] in ("Z", "X") or bool(int(fields[6]) & _PF_EXITING)
 
 
@@ -145,7 +222,7 @@ def continue_pids(pids: Iterable[int]) -> None:
     every = list(pids)
     for pid in pids:
         try:
-            every += [c.pid for c in psutil.Process(pid).children(recursive=True)]
+            every += tree_pids(pid)[1:]
         except psutil.NoSuchProcess:
             continue
     for pid in dict.fromkeys(every):

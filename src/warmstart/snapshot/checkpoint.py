@@ -91,10 +91,12 @@ class CheckpointResult:
     timer: Timer
 
 
-def summarize_tree(pid: int) -> ProcessTree:
+def summarize_tree(pid: int, procs: list[psutil.Process] | None = None) -> ProcessTree:
+    """The manifest's record of the tree of ``pid`` (``procs``: its processes, root first,
+    when the caller has listed them already)."""
     infos: list[ProcessInfo] = []
     cmdline: list[str] = []
-    for p in proc.tree_processes(pid):
+    for p in proc.tree_processes(pid) if procs is None else procs:
         try:
             with p.oneshot():
                 infos.append(
@@ -113,14 +115,11 @@ def summarize_tree(pid: int) -> ProcessTree:
     return ProcessTree(root_pid=pid, processes=infos, cmdline=cmdline)
 
 
-def uses_io_uring(pids: list[int]) -> list[int]:
+def uses_io_uring(pids: list[int], targets: dict[int, list[str]] | None = None) -> list[int]:
+    """The PIDs holding an io_uring instance (``targets``: their fd targets, if read already)."""
     found = []
     for pid in pids:
-        fd_dir = Path(f"/proc/{pid}/fd")
-        try:
-            links = [os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)]
-        except OSError:
-            continue
+        links = sockets.fd_targets(pid) if targets is None else targets.get(pid, [])
         if any("io_uring" in link for link in links):
             found.append(pid)
     return found
@@ -128,24 +127,33 @@ def uses_io_uring(pids: list[int]) -> list[int]:
 
 def preflight(pid: int, options: CheckpointOptions) -> list[int]:
     """Refuse what CRIU would fail on, naming it. Returns the tree's PIDs."""
+    return [p.pid for p in inspect_tree(pid, options)]
+
+
+def inspect_tree(pid: int, options: CheckpointOptions) -> list[psutil.Process]:
+    """:func:`preflight`, returning the tree's processes (root first). The tree is
+    listed once and each process's descriptors read once for every check."""
     proc.validate_root(pid)
-    pids = [p.pid for p in proc.tree_processes(pid)]
+    procs = proc.tree_processes(pid)
+    pids = [p.pid for p in procs]
+    targets = {p: sockets.fd_targets(p) for p in pids}
+    inet = sockets.TreeSockets(pids, targets)
     if not (options.dump.tcp_established or options.dump.tcp_close):
-        conns = proc.established_tcp(pids)
+        conns = inet.established_tcp()
         if conns:
             raise UsageError(
                 f"established TCP connection {conns[0]}"
                 + (f" (and {len(conns) - 1} more)" if len(conns) > 1 else ""),
                 hint="close it before the checkpoint or pass --tcp-established / --tcp-close",
             )
-    if not options.allow_bound_ip and (bound := sockets.bound_to_specific_ip(pids)):
+    if not options.allow_bound_ip and (bound := inet.bound_to_specific_ip()):
         raise UsageError(
             f"{bound[0]} is bound to a specific address, which a restore in another "
             "network namespace cannot bind" + (f" (and {len(bound) - 1} more)" if len(bound) > 1 else ""),
             hint="bind 0.0.0.0, :: or loopback before the checkpoint point, "
             "or pass --allow-bound-ip (docs/agent.md)",
         )
-    if uring := uses_io_uring(pids):
+    if uring := uses_io_uring(pids, targets):
         raise UsageError(
             f"PID {uring[0]} uses io_uring, which CRIU cannot checkpoint",
             hint="disable io_uring in the workload before its checkpoint point",
@@ -155,14 +163,16 @@ def preflight(pid: int, options: CheckpointOptions) -> list[int]:
             f"the tree of PID {pid} is attached to a terminal",
             hint="pass --shell-job, or start the workload detached (setsid, stdio to files)",
         )
-    return pids
+    return procs
 
 
-def default_name(pid: int) -> str:
-    try:
-        base = psutil.Process(pid).name()
-    except psutil.NoSuchProcess:
-        base = "snapshot"
+def default_name(pid: int, tree: ProcessTree | None = None) -> str:
+    base = next((p.name for p in tree.processes if p.pid == pid), None) if tree else None
+    if base is None:
+        try:
+            base = psutil.Process(pid).name()
+        except psutil.NoSuchProcess:
+            base = "snapshot"
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in base).strip("-.") or "snapshot"
     return f"{safe}-{stamp}"
@@ -219,9 +229,10 @@ def checkpoint(
     criu = criu or find_criu()
     timer = Timer(listener)
     with timer.phase("preflight"):
-        pids = preflight(pid, options)
-        tree = summarize_tree(pid)
-        name = name or default_name(pid)
+        procs = inspect_tree(pid, options)
+        pids = [p.pid for p in procs]
+        tree = summarize_tree(pid, procs)
+        name = name or default_name(pid, tree)
         staging = store.begin(name)
 
     gpu = gpu_state.GpuCheckpoint.for_tree(pids)
