@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 PAGE = mmap.PAGESIZE
@@ -66,6 +67,7 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+@cache  # a CDLL is a class of its own with its prototypes: once, not per file
 def _libc() -> ctypes.CDLL:
     lib = ctypes.CDLL(None, use_errno=True)
     lib.mmap.restype = ctypes.c_void_p

@@ -38,13 +38,22 @@ def format_digest(h: xxhash.xxh3_128) -> str:
     return f"{ALGORITHM}:{h.hexdigest()}"
 
 
+#: Files up to this size are read in one go by :func:`digest_file` (no 8 MiB buffer
+#: to allocate: a snapshot's dozens of small CRIU images cost 10x less that way).
+_SMALL = 1 << 20
+
+
 def digest_file(path: Path) -> tuple[int, str]:
     """(size, digest) of one file."""
     h = _hasher()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    size = 0
     with open(path, "rb", buffering=0) as f:
+        if os.fstat(f.fileno()).st_size <= _SMALL:
+            data = f.readall()  # to the end, should it have grown meanwhile
+            h.update(data)
+            return len(data), format_digest(h)
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        size = 0
         while n := f.readinto(buf):
             h.update(view[:n])
             size += n
