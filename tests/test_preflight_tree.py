@@ -235,7 +235,8 @@ def test_has_terminal_sees_a_controlling_tty_only() -> None:
         os.execv("/bin/sleep", ["sleep", "300"])
     detached = subprocess.Popen(["sleep", "300"], start_new_session=True, stdin=subprocess.DEVNULL)
     try:
-        assert proc.has_terminal([pid])
+        # the child takes the pty as its terminal after the fork returned here
+        wait_for(lambda: proc.has_terminal([pid]), 10, what="the child's controlling terminal")
         assert not proc.has_terminal([detached.pid])
         assert proc.has_terminal([detached.pid, pid])
     finally:

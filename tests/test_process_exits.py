@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from warmstart.host.process import exiting, kill_tree, wait_exits
 
@@ -38,3 +43,42 @@ def test_a_killed_child_is_exiting_until_reaped_and_wait_exits_reaps_it() -> Non
 def test_a_pid_that_never_existed_is_not_exiting() -> None:
     assert not exiting(4_000_000)  # above pid_max's ceiling
     wait_exits([4_000_000], timeout=1)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or (os.cpu_count() or 1) < 2 or not (shutil.which("chrt") and shutil.which("taskset")),
+    reason="needs root, two CPUs, chrt and taskset",
+)
+def test_a_killed_process_that_has_not_run_since_is_exiting_and_waited_for() -> None:
+    """SIGKILL wakes a stopped task, but until the scheduler runs it, it is neither
+    exiting (PF_EXITING) nor a zombie: a restore right after a checkpoint must still
+    wait for its PID. A real-time hog on its CPU keeps it from running meanwhile."""
+    victim = subprocess.Popen(["taskset", "-c", "1", "sleep", "100"])
+    hog = None
+    try:
+        comm = Path(f"/proc/{victim.pid}/comm")
+        deadline = time.monotonic() + 5
+        while not comm.read_text().startswith("sleep") and time.monotonic() < deadline:
+            time.sleep(0.01)  # exec'ed from taskset
+        os.kill(victim.pid, signal.SIGSTOP)
+        hog = subprocess.Popen(["chrt", "-f", "50", "taskset", "-c", "1", sys.executable, "-c",
+                                "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 0.6: pass"])  # fmt: skip
+        time.sleep(0.15)  # the hog has CPU 1 now
+        os.kill(victim.pid, signal.SIGKILL)
+        time.sleep(0.01)
+        fields = Path(f"/proc/{victim.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X") or int(fields[6]) & 0x4:
+            pytest.skip("the killed task ran anyway (real-time throttling?): nothing to tell")
+        assert exiting(victim.pid)  # only its pending SIGKILL says so
+        wait_exits([victim.pid], timeout=5)
+        assert not os.path.exists(f"/proc/{victim.pid}")  # ran, died and was reaped (ours)
+        assert hog.poll() is None or hog.returncode == 0
+    finally:
+        if hog is not None:
+            hog.wait()
+        if victim.poll() is None and os.path.exists(f"/proc/{victim.pid}"):
+            victim.kill()
+        try:
+            victim.wait(5)
+        except ChildProcessError:
+            pass

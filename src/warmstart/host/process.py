@@ -186,14 +186,22 @@ def kill_tree(pid: int, *, timeout: float = 10.0, wait: bool = True) -> None:
 
 
 _PF_EXITING = 0x4  # include/linux/sched.h: set as a task starts to exit
+_SIGKILL_PENDING = 1 << (signal.SIGKILL - 1)
 
 
 def exiting(pid: int) -> bool:
-    """Whether ``pid`` is dying: killed and tearing down, or a zombie not yet reaped."""
+    """Whether ``pid`` is dying: killed (a SIGKILL pending: it has not run since),
+    tearing down, or a zombie not yet reaped."""
     fields = _stat_fields(pid)
     if fields is None:
         return False  # gone, or never there
-    return fields[0] in ("Z", "X") or bool(int(fields[6]) & _PF_EXITING)
+    # stat fields 9 (flags) and 31 (signal: the pending signals, where a fatal
+    # signal marks every thread until it runs and exits)
+    return (
+        fields[0] in ("Z", "X")
+        or bool(int(fields[6]) & _PF_EXITING)
+        or bool(int(fields[28]) & _SIGKILL_PENDING)
+    )
 
 
 def wait_exits(pids: Iterable[int], *, timeout: float = 10.0) -> None:
