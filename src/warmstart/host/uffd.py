@@ -10,6 +10,7 @@ threads can copy into one task at memory speed.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import struct
 from dataclasses import dataclass
@@ -51,32 +52,19 @@ EVENT_UNMAP = 0x16
 MSG_SIZE = 32
 _SYS_USERFAULTFD = 323  # x86_64
 
-_libc: ctypes.CDLL | None = None
-_libc_gil: ctypes.PyDLL | None = None
-
-
-def _lib() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
-        _libc.ioctl.restype = ctypes.c_int
-    return _libc
-
-
-def _lib_gil() -> ctypes.PyDLL:
-    """libc through ``PyDLL``: calls keep the GIL (see :func:`copy_small`)."""
-    global _libc_gil
-    if _libc_gil is None:
-        _libc_gil = ctypes.PyDLL(None, use_errno=True)
-        _libc_gil.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
-        _libc_gil.ioctl.restype = ctypes.c_int
-    return _libc_gil
+@functools.cache
+def _libc(keep_gil: bool = False) -> ctypes.CDLL:
+    """libc with ``ioctl`` typed; ``keep_gil``: through ``PyDLL``, whose calls keep
+    the GIL (see :func:`copy_small`)."""
+    lib = (ctypes.PyDLL if keep_gil else ctypes.CDLL)(None, use_errno=True)
+    lib.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+    lib.ioctl.restype = ctypes.c_int
+    return lib
 
 
 def _ioctl(fd: int, request: int, arg: ctypes.Structure) -> int:
     """0 on success, else the errno."""
-    if _lib().ioctl(fd, request, ctypes.addressof(arg)) == 0:
+    if _libc().ioctl(fd, request, ctypes.addressof(arg)) == 0:
         return 0
     return ctypes.get_errno()
 
@@ -103,7 +91,7 @@ def copy_small(fd: int, dst: int, src: int, length: int) -> tuple[int, int]:
     winning it back from threads busy with big copies can take a millisecond.
     One thread filling thousands of small runs is starved that way."""
     arg = _Copy(dst=dst, src=src, len=length, mode=0, copy=0)
-    if _lib_gil().ioctl(fd, UFFDIO_COPY, ctypes.addressof(arg)) == 0:
+    if _libc(keep_gil=True).ioctl(fd, UFFDIO_COPY, ctypes.addressof(arg)) == 0:
         return 0, length
     return ctypes.get_errno(), arg.copy if arg.copy > 0 else 0
 
@@ -157,7 +145,7 @@ def parse_messages(data: bytes) -> list[Message]:
 def available() -> bool:
     """Whether this process may create a userfaultfd (root, or the sysctl allows it)."""
     try:
-        fd = _lib().syscall(_SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = _libc().syscall(_SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK)
     except AttributeError:
         return False
     if fd < 0:
