@@ -18,7 +18,7 @@ Every checkpoint starts one, so the watch is cheap: this file runs as a script
 ``python -m warmstart.snapshot.guard --recover ...`` (warmstart's environment,
 what the recovery needs: psutil, the CUDA driver). warmstart does not wait for
 it to exit after ``done``: once that line is in the pipe the guard can only
-read it and exit, and a thread of warmstart's reaps it.
+read it and exit, and the next guard's start (or ``done``) reaps it.
 """
 
 from __future__ import annotations
