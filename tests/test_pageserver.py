@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from _support import Tree, assert_continues, wait_for
 from warmstart.errors import CriuError, SnapshotCorrupt
 from warmstart.host.process import kill_tree
-from warmstart.host.pageserver import SMALL_RUN
+from warmstart.host.pageserver import SMALL_RUN, task_pids
 from warmstart.host.pagemap import PAGE_SIZE, PE_LAZY, PE_PRESENT, PageRun, read_pagemap, read_vmas, split_at_vmas
 from warmstart.snapshot.checkpoint import CheckpointOptions, checkpoint
 from warmstart.snapshot.manifest import IMAGES_DIR
@@ -451,3 +451,35 @@ def test_short_holes_are_copied_as_data_and_long_ones_kept(parts: list[tuple[int
     assert all(a[0] + a[1] == b[0] and a[2] != b[2] for a, b in zip(got, got[1:], strict=False))
     long_holes = {(o, n) for o, n, h in split if h and n >= SMALL_HOLE}
     assert {(o, n) for o, n, h in got if h} == long_holes
+
+
+def test_a_trace_that_cannot_be_written_does_not_fail_the_restore(tmp_path: Path, monkeypatch, caplog) -> None:
+    from warmstart.host.pageserver import PageServer
+
+    monkeypatch.setenv("WARMSTART_PAGES_TRACE", str(tmp_path / "missing" / "trace.json"))
+    with PageServer(tmp_path, tmp_path):
+        pass
+    assert "cannot write the trace" in caplog.text
+
+
+@pytest.mark.criu
+def test_a_trace_records_every_filled_byte(tree_factory, store_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    tree = tree_factory(mem_mib=32, scatter_runs=200)
+    before = tree.digests()
+    store = LocalStore(store_dir)
+    checkpoint(tree.pid, store=store, name="traced", options=CheckpointOptions(sparse=False))
+    tree.popen.wait(timeout=10)
+    images = store.path_of("traced") / IMAGES_DIR
+    lazy = sum(read_pagemap(images, pid).lazy_bytes for pid in task_pids(images))  # the root and its child
+    monkeypatch.setenv("WARMSTART_PAGES_TRACE", str(tmp_path / "trace.json"))
+    restored = restore("traced", store=store, request=RestoreRequest(page_threads=2))
+    assert_continues(tree, restored.pid, before)
+    events = json.loads((tmp_path / "trace.json").read_text())["events"]
+    chunks = [e for e in events if e[0] == "chunk"]
+    batches = [e for e in chunks if e[7]]
+    faults = [e for e in events if e[0] == "fault"]  # CRIU's restorer, before the fill
+    # every lazy byte placed once, by the fill or by a fault; batches of the small runs among them
+    assert sum(e[6] for e in chunks) + sum(e[4] for e in faults) == lazy
+    assert batches and sum(e[8] for e in batches) >= 200

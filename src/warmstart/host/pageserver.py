@@ -294,7 +294,10 @@ class PageServer:
             self._listener = None
         self.socket_path.unlink(missing_ok=True)
         if self.trace_path:
-            Path(self.trace_path).write_text(json.dumps({"events": self._trace}))
+            try:
+                Path(self.trace_path).write_text(json.dumps({"events": self._trace}))
+            except OSError as exc:  # a debugging aid never fails the restore
+                log.warning("page server: cannot write the trace to %s: %s", self.trace_path, exc)
             self.trace_path = None
         with self._lock:
             for task in self._tasks.values():
