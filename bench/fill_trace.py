@@ -1,8 +1,9 @@
 """Summarize a page-server trace (``restore_speed.py --trace DIR`` / ``WARMSTART_PAGES_TRACE``).
 
-For each trace: how the fill progressed (chunks, bytes, seconds, batch chunks of
-small runs apart), and the faults taken by running tasks (``--lazy``; before the fill
-begins: CRIU's restorer): how many, when, in which order, how much they placed.
+For each trace: how the fill progressed (chunks, bytes, seconds, threads busy, and
+the batches of small runs apart), and the faults taken by running tasks (``--lazy``;
+before the fill begins: CRIU's restorer): how many, when, in which order, how much
+they placed. The event fields are documented at ``PageServer.trace_path``.
 
     python bench/fill_trace.py DIR/*.json
 """
@@ -16,26 +17,27 @@ from pathlib import Path
 
 def summarize(path: Path) -> str:
     events = json.loads(path.read_text())["events"]
-    chunks = [e for e in events if e[0] == "chunk"]
-    faults = [e for e in events if e[0] == "fault"]
+    chunks = [e for e in events if e["kind"] == "chunk"]
+    faults = [e for e in events if e["kind"] == "fault"]
     if not chunks:
         return f"{path.name}: no chunks"
-    t0 = min(e[1] for e in chunks)
-    took = max(e[2] for e in chunks) - t0
-    placed = sum(e[6] for e in chunks)
-    busy = sum(e[2] - e[1] for e in chunks)
+    t0 = min(e["began"] for e in chunks)
+    took = max(e["ended"] for e in chunks) - t0
+    placed = sum(e["bytes"] for e in chunks)
+    busy = sum(e["ended"] - e["began"] for e in chunks)
     lines = [f"{path.name}: {len(chunks)} chunks, {placed / 1e9:.2f} GB in {took:.3f} s "
              f"({placed / took / 1e9 if took else 0:.2f} GB/s; threads busy {busy:.2f} s in all)"]  # fmt: skip
-    batches = [e for e in chunks if len(e) > 7 and e[7]]
+    batches = [e for e in chunks if e["runs"]]
     if batches:
-        lines.append(f"  batches of small runs: {len(batches)}, {sum(e[8] for e in batches)} runs, "
-                     f"{sum(e[6] for e in batches) / 1e9:.2f} GB, {sum(e[2] - e[1] for e in batches):.3f} s "
-                     f"(one at a time), last done at {max(e[2] for e in batches) - t0:.3f} s")  # fmt: skip
+        lines.append(f"  batches of small runs: {len(batches)}, {sum(e['runs'] for e in batches)} runs, "
+                     f"{sum(e['bytes'] for e in batches) / 1e9:.2f} GB, "
+                     f"{sum(e['ended'] - e['began'] for e in batches):.3f} s (one lane), "
+                     f"last done at {max(e['ended'] for e in batches) - t0:.3f} s")  # fmt: skip
     if faults:
-        ts = sorted(f[1] - t0 for f in faults)
-        addrs = [f[3] for f in sorted(faults, key=lambda f: f[1])]
+        ts = sorted(f["at"] - t0 for f in faults)
+        addrs = [f["addr"] for f in sorted(faults, key=lambda f: f["at"])]
         rising = sum(b > a for a, b in zip(addrs, addrs[1:], strict=False))
-        lines.append(f"  faults: {len(faults)}, {sum(f[4] for f in faults) / 1e6:.1f} MB placed by them; "
+        lines.append(f"  faults: {len(faults)}, {sum(f['bytes'] for f in faults) / 1e6:.1f} MB placed by them; "
                      f"seconds after the fill began: first {ts[0]:.3f}, median {ts[len(ts) // 2]:.3f}, "
                      f"last {ts[-1]:.3f}; address rising {rising} of {len(addrs) - 1} times")  # fmt: skip
     return "\n".join(lines)

@@ -477,9 +477,9 @@ def test_a_trace_records_every_filled_byte(tree_factory, store_dir: Path, tmp_pa
     restored = restore("traced", store=store, request=RestoreRequest(page_threads=2))
     assert_continues(tree, restored.pid, before)
     events = json.loads((tmp_path / "trace.json").read_text())["events"]
-    chunks = [e for e in events if e[0] == "chunk"]
-    batches = [e for e in chunks if e[7]]
-    faults = [e for e in events if e[0] == "fault"]  # CRIU's restorer, before the fill
+    chunks = [e for e in events if e["kind"] == "chunk"]
+    faults = [e for e in events if e["kind"] == "fault"]  # CRIU's restorer, before the fill
     # every lazy byte placed once, by the fill or by a fault; batches of the small runs among them
-    assert sum(e[6] for e in chunks) + sum(e[4] for e in faults) == lazy
-    assert batches and sum(e[8] for e in batches) >= 200
+    assert sum(e["bytes"] for e in chunks) + sum(e["bytes"] for e in faults) == lazy
+    assert sum(e["runs"] for e in chunks) >= 200
+    assert all(e["began"] <= e["ended"] and e["start"] < e["end"] for e in chunks if e["bytes"])

@@ -231,9 +231,13 @@ class PageServer:
         #: Copy from the mapped image where the source allows (False: always pread first).
         self.zero_copy = zero_copy
         #: Debugging: a file that receives every fault and every filled chunk, with
-        #: their times, as JSON when the server closes (``WARMSTART_PAGES_TRACE``).
+        #: their times, as JSON when the server closes (``WARMSTART_PAGES_TRACE``;
+        #: ``bench/fill_trace.py`` summarizes it). Events: ``{"kind": "chunk",
+        #: "began", "ended" (perf_counter seconds), "pid", "start", "end" (its
+        #: address span), "bytes" (placed), "runs" (small runs of a batch, else 0)}``
+        #: and ``{"kind": "fault", "at", "pid", "addr", "bytes"}``.
         self.trace_path = os.environ.get("WARMSTART_PAGES_TRACE") or None
-        self._trace: list[tuple[Any, ...]] = []
+        self._trace: list[dict[str, Any]] = []
         self.socket_path = Path(work_dir) / SOCKET_NAME
         self.threads = threads or default_threads()
         self.chunk = max(PAGE_SIZE, chunk - chunk % PAGE_SIZE)
@@ -480,7 +484,8 @@ class PageServer:
             return
         log.debug("fault PID %d %#x: run %#x+%d, placed %d", task.pid, addr, run.vaddr, run.length, placed)
         if self.trace_path:
-            self._trace.append(("fault", time.perf_counter(), task.pid, addr, placed))
+            self._trace.append({"kind": "fault", "at": time.perf_counter(), "pid": task.pid, "addr": addr,
+                                "bytes": placed})  # fmt: skip
         uffd.wake(task.fd, addr, PAGE_SIZE)
         queue = self._queue
         if queue is not None:  # a running task reads here: fill on from here
@@ -747,9 +752,9 @@ class PageServer:
             else:
                 moved = 0
             if self.trace_path:
-                batch = len(run) if isinstance(run, list) else 0
-                self._trace.append(("chunk", began, time.perf_counter(), task.pid, chunk.start, chunk.end, moved,
-                                    bool(batch), batch or 1))  # fmt: skip
+                self._trace.append({"kind": "chunk", "began": began, "ended": time.perf_counter(), "pid": task.pid,
+                                    "start": chunk.start, "end": chunk.end, "bytes": moved,
+                                    "runs": len(run) if isinstance(run, list) else 0})  # fmt: skip
             if queue.done(chunk):  # hashed on the checkers: never in the lane's way
                 checks.append(checkers.submit(self._check_piece, task, chunk.piece))
             return moved
