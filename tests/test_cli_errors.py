@@ -134,3 +134,11 @@ def test_corrupt_manifest_and_unknown_version(store_dir: Path) -> None:
 
 def test_bad_env_pair(store_dir: Path) -> None:
     assert_clean_error(run("restore", "x", "--env", "NOEQUALS", "--store", str(store_dir)))
+
+
+def test_restore_trace_pages_refuses_a_missing_directory_and_the_agent(store_dir: Path, tmp_path: Path) -> None:
+    assert_clean_error(run("restore", "x", "--trace-pages", str(tmp_path / "no" / "t.json"), "--store", str(store_dir)),
+                       "--trace-pages: no directory")  # fmt: skip
+    assert_clean_error(run("restore", "x", "--trace-pages", str(tmp_path / "t.json"), "--agent", str(tmp_path / "a.sock"),
+                           "--store", str(store_dir)), "not by the node agent")  # fmt: skip
+

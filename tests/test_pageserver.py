@@ -463,7 +463,7 @@ def test_a_trace_that_cannot_be_written_does_not_fail_the_restore(tmp_path: Path
 
 
 @pytest.mark.criu
-def test_a_trace_records_every_filled_byte(tree_factory, store_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_a_trace_records_every_filled_byte(tree_factory, store_dir: Path, tmp_path: Path) -> None:
     import json
 
     tree = tree_factory(mem_mib=32, scatter_runs=200)
@@ -473,8 +473,8 @@ def test_a_trace_records_every_filled_byte(tree_factory, store_dir: Path, tmp_pa
     tree.popen.wait(timeout=10)
     images = store.path_of("traced") / IMAGES_DIR
     lazy = sum(read_pagemap(images, pid).lazy_bytes for pid in task_pids(images))  # the root and its child
-    monkeypatch.setenv("WARMSTART_PAGES_TRACE", str(tmp_path / "trace.json"))
-    restored = restore("traced", store=store, request=RestoreRequest(page_threads=2))
+    restored = restore("traced", store=store,
+                       request=RestoreRequest(page_threads=2, pages_trace=tmp_path / "trace.json"))  # fmt: skip
     assert_continues(tree, restored.pid, before)
     events = json.loads((tmp_path / "trace.json").read_text())["events"]
     chunks = [e for e in events if e["kind"] == "chunk"]
@@ -483,3 +483,22 @@ def test_a_trace_records_every_filled_byte(tree_factory, store_dir: Path, tmp_pa
     assert sum(e["bytes"] for e in chunks) + sum(e["bytes"] for e in faults) == lazy
     assert sum(e["runs"] for e in chunks) >= 200
     assert all(e["began"] <= e["ended"] and e["start"] < e["end"] for e in chunks if e["bytes"])
+
+
+@pytest.mark.criu
+def test_restore_cli_writes_the_trace_it_is_asked_for(tree_factory, store_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from _support import warmstart_cmd
+
+    tree = tree_factory(mem_mib=16)
+    before = tree.digests()
+    store = LocalStore(store_dir)
+    checkpoint(tree.pid, store=store, name="cli-traced")
+    tree.popen.wait(timeout=10)
+    trace = tmp_path / "trace.json"
+    out = subprocess.run([*warmstart_cmd(), "restore", "cli-traced", "--trace-pages", str(trace), "--json",
+                          "--store", str(store_dir)], capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    assert_continues(tree, json.loads(out.stdout)["pid"], before)
+    chunks = [e for e in json.loads(trace.read_text())["events"] if e["kind"] == "chunk"]
+    assert sum(e["bytes"] for e in chunks) >= 16 << 20  # the patterned memory, filled by the page server

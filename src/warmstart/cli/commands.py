@@ -254,6 +254,14 @@ def restore(
     page_threads: Annotated[
         Optional[int], typer.Option("--page-threads", min=1, max=256, help="Page-server threads.")
     ] = None,
+    trace_pages: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--trace-pages",
+            help="Write the page server's trace (every filled chunk and served fault, with times) "
+            "to this JSON file; `python bench/fill_trace.py FILE` summarizes it.",
+        ),
+    ] = None,
     stream: Annotated[
         bool,
         typer.Option(
@@ -280,7 +288,13 @@ def restore(
     socket = via_agent.agent_socket(agent)
     if socket is None and into is not None:
         raise UsageError("--into needs the node agent", hint="add --agent [SOCKET]")
+    if trace_pages is not None and not trace_pages.absolute().parent.is_dir():
+        raise UsageError(f"--trace-pages: no directory {trace_pages.absolute().parent}",
+                         hint="pass a file in an existing directory")
     if socket is not None:
+        if trace_pages is not None:
+            raise UsageError("--trace-pages traces a restore run here, not by the node agent",
+                             hint="drop --agent, or set WARMSTART_PAGES_TRACE in the agent's environment")
         if "://" in name:
             raise UsageError("--agent restores from a local store",
                              hint="pull the snapshot first (`warmstart pull`), then restore it by name")
@@ -313,6 +327,7 @@ def restore(
             page_threads=page_threads,
             lazy=lazy,
             prefetch=prefetch,
+            pages_trace=trace_pages.absolute() if trace_pages else None,
         )
 
     s = open_store(store)

@@ -216,6 +216,7 @@ class PageServer:
         check: Callable[[Path, int, int], None] | None = None,
         check_size: int = 64 << 20,
         readahead: bool = True,
+        trace: Path | None = None,
     ) -> None:
         self.images = Path(images)
         self.open_pages = open_pages
@@ -231,12 +232,13 @@ class PageServer:
         #: Copy from the mapped image where the source allows (False: always pread first).
         self.zero_copy = zero_copy
         #: Debugging: a file that receives every fault and every filled chunk, with
-        #: their times, as JSON when the server closes (``WARMSTART_PAGES_TRACE``;
+        #: their times, as JSON when the server closes (``trace``, else
+        #: ``WARMSTART_PAGES_TRACE``; ``restore --trace-pages``;
         #: ``bench/fill_trace.py`` summarizes it). Events: ``{"kind": "chunk",
         #: "began", "ended" (perf_counter seconds), "pid", "start", "end" (its
         #: address span), "bytes" (placed), "runs" (small runs of a batch, else 0)}``
         #: and ``{"kind": "fault", "at", "pid", "addr", "bytes"}``.
-        self.trace_path = os.environ.get("WARMSTART_PAGES_TRACE") or None
+        self.trace_path = str(trace) if trace else os.environ.get("WARMSTART_PAGES_TRACE") or None
         self._trace: list[dict[str, Any]] = []
         self.socket_path = Path(work_dir) / SOCKET_NAME
         self.threads = threads or default_threads()

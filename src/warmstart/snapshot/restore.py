@@ -68,6 +68,9 @@ class RestoreRequest:
     #: no gain on the CPU worker, and slower cold on the GPU worker (it reads far
     #: more than the first token needs; docs/benchmarks.md).
     prefetch: bool = False
+    #: Write the page server's trace of this restore here (every filled chunk and
+    #: served fault, with times; ``bench/fill_trace.py`` summarizes it).
+    pages_trace: Path | None = None
     #: Page-server threads (default: up to 16, one per core).
     page_threads: int | None = None
     #: Refuse when a PID of the snapshot's tree is in use here. Container restores
@@ -265,6 +268,7 @@ def restore(
                     check=fill_check,
                     check_size=PIECE_SIZE,
                     readahead=incoming is None,  # a streamed image is read as it arrives
+                    trace=request.pages_trace,
                 )
             )
             if parallel
