@@ -15,6 +15,16 @@ import pytest
 from warmstart.host.process import exiting, kill_tree, wait_exits
 
 
+def _kill_and_reap(child: subprocess.Popen[bytes]) -> None:
+    """Kill ``child`` if a test left it alive; reap it unless the test did (wait_exits reaps)."""
+    if child.poll() is None and os.path.exists(f"/proc/{child.pid}"):
+        child.kill()
+    try:
+        child.wait(5)
+    except ChildProcessError:
+        pass
+
+
 def test_a_killed_child_is_exiting_until_reaped_and_wait_exits_reaps_it() -> None:
     child = subprocess.Popen(["sleep", "100"])
     try:
@@ -32,12 +42,7 @@ def test_a_killed_child_is_exiting_until_reaped_and_wait_exits_reaps_it() -> Non
         assert not exiting(child.pid)
         assert not os.path.exists(f"/proc/{child.pid}")  # reaped: the PID is free
     finally:
-        if child.poll() is None and os.path.exists(f"/proc/{child.pid}"):
-            child.kill()
-        try:
-            child.wait(5)
-        except ChildProcessError:
-            pass
+        _kill_and_reap(child)
 
 
 def test_a_pid_that_never_existed_is_not_exiting() -> None:
@@ -76,9 +81,4 @@ def test_a_killed_process_that_has_not_run_since_is_exiting_and_waited_for() -> 
     finally:
         if hog is not None:
             hog.wait()
-        if victim.poll() is None and os.path.exists(f"/proc/{victim.pid}"):
-            victim.kill()
-        try:
-            victim.wait(5)
-        except ChildProcessError:
-            pass
+        _kill_and_reap(victim)
