@@ -40,6 +40,12 @@ def summarize(path: Path) -> str:
         lines.append(f"  faults: {len(faults)}, {sum(f['bytes'] for f in faults) / 1e6:.1f} MB placed by them; "
                      f"seconds after the fill began: first {ts[0]:.3f}, median {ts[len(ts) // 2]:.3f}, "
                      f"last {ts[-1]:.3f}; address rising {rising} of {len(addrs) - 1} times")  # fmt: skip
+    marks = [(e.get("name") or e["kind"], e["at"]) for e in events if e["kind"] in ("mark", "finished")]
+    marks += [(f"uffd of PID {e['pid']}", e["at"]) for e in events if e["kind"] == "task"]
+    if marks:
+        base = min(at for _, at in marks)
+        lines.append("  timeline (s from the first mark; the fill began at "
+                     f"{t0 - base:.3f}): " + ", ".join(f"{n} {at - base:.3f}" for n, at in sorted(marks, key=lambda m: m[1])))  # fmt: skip
     return "\n".join(lines)
 
 

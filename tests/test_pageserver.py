@@ -483,6 +483,12 @@ def test_a_trace_records_every_filled_byte(tree_factory, store_dir: Path, tmp_pa
     assert sum(e["bytes"] for e in chunks) + sum(e["bytes"] for e in faults) == lazy
     assert sum(e["runs"] for e in chunks) >= 200
     assert all(e["began"] <= e["ended"] and e["start"] < e["end"] for e in chunks if e["bytes"])
+    # the timeline: CRIU started, every task's userfaultfd arrived, CRIU finished, then the fill
+    at = {e.get("name", e["kind"]): e["at"] for e in events if e["kind"] in ("mark", "finished")}
+    arrived = {e["pid"]: e["at"] for e in events if e["kind"] == "task"}
+    assert set(arrived) == task_pids(images)
+    assert at["criu-start"] < min(arrived.values()) <= max(arrived.values()) < at["finished"] <= at["criu-returned"]
+    assert at["criu-returned"] <= min(e["began"] for e in chunks)
 
 
 @pytest.mark.criu

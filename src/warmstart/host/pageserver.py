@@ -237,7 +237,10 @@ class PageServer:
         #: ``bench/fill_trace.py`` summarizes it). Events: ``{"kind": "chunk",
         #: "began", "ended" (perf_counter seconds), "pid", "start", "end" (its
         #: address span), "bytes" (placed), "runs" (small runs of a batch, else 0)}``
-        #: and ``{"kind": "fault", "at", "pid", "addr", "bytes"}``.
+        #: ``{"kind": "fault", "at", "pid", "addr", "bytes"}``, ``{"kind": "task", "at",
+        #: "pid"}`` when a task's userfaultfd arrived (its restorer is about to run),
+        #: ``{"kind": "finished", "at"}`` when CRIU said the restore is over, and
+        #: ``{"kind": "mark", "at", "name"}`` for the caller's :meth:`mark`.
         self.trace_path = str(trace) if trace else os.environ.get("WARMSTART_PAGES_TRACE") or None
         self._trace: list[dict[str, Any]] = []
         self.socket_path = Path(work_dir) / SOCKET_NAME
@@ -279,6 +282,11 @@ class PageServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def mark(self, name: str) -> None:
+        """Put a named moment of the caller's (``criu-start``, ``criu-returned``) into the trace."""
+        if self.trace_path:
+            self._trace.append({"kind": "mark", "at": time.perf_counter(), "name": name})
 
     def tasks_resumed(self) -> None:
         """The caller let the tasks run (lazy restore): from now on a fault the
@@ -381,6 +389,8 @@ class PageServer:
                     return
                 (pid,) = struct.unpack("=i", raw)
                 if pid == RESTORE_FINISHED:
+                    if self.trace_path:
+                        self._trace.append({"kind": "finished", "at": time.perf_counter()})
                     continue
                 if pid < 0:
                     continue  # a zombie: nothing to serve
@@ -398,6 +408,8 @@ class PageServer:
         pages = self.open_pages(pagemap.pages)
         runs = split_at_vmas(pagemap.lazy_runs, read_vmas(self.images, pid))
         task = _Task(pid=pid, fd=fd, pages=pages, runs=runs)
+        if self.trace_path:
+            self._trace.append({"kind": "task", "at": time.perf_counter(), "pid": pid})
         with self._lock:
             self._tasks[fd] = task
             self._received.add(pid)

@@ -282,7 +282,11 @@ def restore(
         filled_bytes = 0
         try:
             with timer.phase("criu-restore"):
+                if server is not None:
+                    server.mark("criu-start")
                 root_pid = criu.restore(criu_images, options, log=log)
+                if server is not None:
+                    server.mark("criu-returned")
             stats = RestoreStats.read(criu_images)
             if stats:
                 timer.add("  forking", stats.forking_s)

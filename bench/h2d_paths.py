@@ -1,0 +1,221 @@
+"""How fast can weights go from a file in the page cache to GPU memory, by which path?
+
+Issue 7 asks the memory service to stream weights at >= 80 % of the host's
+host-to-device bandwidth. This measures, on one file held in the page cache
+and one device allocation of the service's kind (``cuMemCreate``), in the
+same run:
+
+* ``pinned``: the ceiling, the same pinned buffer copied again and again;
+* ``pageable``: one ``cuMemcpyHtoD`` per chunk straight from the file's mapping;
+* ``staged``: the service's loader as it is (``warmstart.gms.loader.fill``:
+  ``preadv`` into pinned staging buffers, xxh3 of each chunk, copy overlapped
+  with the next read), with 4, 8 and 16 lanes;
+* ``staged-nohash``: the same without the hash;
+* ``registered``: no staging copy: each 64 MiB chunk of the file's mapping is
+  pinned where it lies (``cuMemHostRegister``, read-only), copied, and
+  unpinned, on 4, 8 and 16 lanes, with and without the hash (read from the
+  same mapping).
+
+    python bench/h2d_paths.py --gib 8 [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import mmap
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from warmstart.gms.cuda import CudaServer
+from warmstart.gms.layout import DIGEST_CHUNK, _xxh3_128bits
+from warmstart.gms.loader import FillFile, fill
+
+CU_MEMHOSTREGISTER_READ_ONLY = 0x08
+CHUNK = DIGEST_CHUNK
+
+
+def make_file(path: Path, size: int) -> None:
+    if path.exists() and path.stat().st_size == size:
+        return
+    block = os.urandom(CHUNK)
+    with open(path, "wb") as f:
+        for pos in range(0, size, CHUNK):
+            f.write(block[: min(CHUNK, size - pos)])
+    with open(path, "rb") as f:  # into the page cache
+        while f.read(CHUNK):
+            pass
+
+
+def lanes_run(lanes: int, size: int, body: Callable[[int, int], None], setup: Callable[[], None]) -> float:
+    """Run ``body(offset, length)`` over every chunk on ``lanes`` threads; seconds."""
+    offsets = list(range(0, size, CHUNK))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def lane() -> None:
+        try:
+            setup()
+            while True:
+                with lock:
+                    if not offsets:
+                        return
+                    off = offsets.pop(0)
+                body(off, min(CHUNK, size - off))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=lane) for _ in range(lanes)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return took
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gib", type=float, default=8)
+    ap.add_argument("--file", type=Path, default=Path("/var/tmp/h2d-paths.bin"))
+    ap.add_argument("--lanes", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    size = int(args.gib * (1 << 30)) // CHUNK * CHUNK
+    make_file(args.file, size)
+
+    server = CudaServer(0)
+    drv = server.driver
+    d = server._d
+    gran = server.granularity
+    alloc = -(-size // gran) * gran
+    handle = server.create(alloc)
+    target = server.open_fill(handle, alloc)
+    hasher = _xxh3_128bits()
+    fd = os.open(args.file, os.O_RDONLY)
+    # The file mapped read-only at an address of our own (Python's mmap gives no address).
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    base = int(libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0))
+    results: dict[str, float] = {}
+
+    def record(name: str, seconds: float) -> None:
+        results[name] = size / seconds / 1e9
+        print(f"{name:28s} {seconds:7.3f} s  {results[name]:6.2f} GB/s", flush=True)
+
+    # pinned ceiling: 8 lanes, each copying its own pinned buffer over and over
+    pinned: dict[int, tuple[int, ctypes.c_void_p]] = {}
+
+    def pinned_setup() -> None:
+        d.current()
+        p, s = ctypes.c_void_p(), ctypes.c_void_p()
+        drv.call("cuMemHostAlloc", ctypes.pointer(p), CHUNK, 0)
+        drv.call("cuStreamCreate", ctypes.pointer(s), 1)
+        pinned[threading.get_ident()] = (int(p.value or 0), s)
+
+    def pinned_body(off: int, n: int) -> None:
+        p, s = pinned[threading.get_ident()]
+        drv.call("cuMemcpyHtoDAsync_v2", target + off, p, n, s)
+        drv.call("cuStreamSynchronize", s)
+
+    for lanes in (4, 8):
+        pinned.clear()
+        record(f"pinned x{lanes}", lanes_run(lanes, size, pinned_body, pinned_setup))
+
+    def pageable_body(off: int, n: int) -> None:
+        drv.call("cuMemcpyHtoD_v2", target + off, base + off, n)
+
+    record("pageable x8", lanes_run(8, size, pageable_body, d.current))
+
+    for lanes in args.lanes:
+        files = [FillFile("w", str(args.file), 0, size, target)]
+        t0 = time.perf_counter()
+        fill(server, files, lanes=lanes)
+        record(f"staged (loader) x{lanes}", time.perf_counter() - t0)
+
+    def staged_nohash(lanes: int) -> float:
+        state: dict[int, tuple[ctypes.c_void_p, list[int], list[memoryview]]] = {}
+
+        def setup() -> None:
+            d.current()
+            s = ctypes.c_void_p()
+            drv.call("cuStreamCreate", ctypes.pointer(s), 1)
+            ptrs, views = [], []
+            for _ in range(2):
+                p = ctypes.c_void_p()
+                drv.call("cuMemHostAlloc", ctypes.pointer(p), CHUNK, 0)
+                ptrs.append(int(p.value or 0))
+                views.append(memoryview((ctypes.c_char * CHUNK).from_address(int(p.value or 0))).cast("B"))
+            state[threading.get_ident()] = (s, ptrs, views)
+
+        def body(off: int, n: int) -> None:
+            s, ptrs, views = state[threading.get_ident()]
+            os.preadv(fd, [views[0][:n]], off)
+            drv.call("cuStreamSynchronize", s)
+            drv.call("cuMemcpyHtoDAsync_v2", target + off, ptrs[0], n, s)
+            ptrs.reverse()
+            views.reverse()
+
+        took = lanes_run(lanes, size, body, setup)
+        for s, _, _ in state.values():
+            drv.call("cuStreamSynchronize", s)
+        return took
+
+    for lanes in args.lanes:
+        record(f"staged-nohash x{lanes}", staged_nohash(lanes))
+
+    def registered(lanes: int, hashed: bool) -> float:
+        streams: dict[int, ctypes.c_void_p] = {}
+
+        def setup() -> None:
+            d.current()
+            s = ctypes.c_void_p()
+            drv.call("cuStreamCreate", ctypes.pointer(s), 1)
+            streams[threading.get_ident()] = s
+
+        def body(off: int, n: int) -> None:
+            s = streams[threading.get_ident()]
+            drv.call("cuMemHostRegister_v2", base + off, n, CU_MEMHOSTREGISTER_READ_ONLY)
+            drv.call("cuMemcpyHtoDAsync_v2", target + off, base + off, n, s)
+            if hashed and hasher:
+                hasher(base + off, n)
+            drv.call("cuStreamSynchronize", s)
+            drv.call("cuMemHostUnregister", base + off)
+
+        return lanes_run(lanes, size, body, setup)
+
+    for lanes in args.lanes:
+        record(f"registered x{lanes}", registered(lanes, False))
+        record(f"registered+hash x{lanes}", registered(lanes, True))
+
+    def hash_only(off: int, n: int) -> None:
+        hasher(base + off, n)
+
+    if hasher:
+        record("hash only x8", lanes_run(8, size, hash_only, lambda: None))
+
+    def register_only(off: int, n: int) -> None:
+        drv.call("cuMemHostRegister_v2", base + off, n, CU_MEMHOSTREGISTER_READ_ONLY)
+        drv.call("cuMemHostUnregister", base + off)
+
+    record("register+unregister x8", lanes_run(8, size, register_only, d.current))
+
+    server.close_fill(target, alloc)
+    server.release(handle)
+    if args.json:
+        args.json.write_text(json.dumps({"gib": args.gib, "gb_per_s": results}, indent=1))
+    os.close(fd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
