@@ -42,6 +42,7 @@ def summarize(path: Path) -> str:
                      f"last {ts[-1]:.3f}; address rising {rising} of {len(addrs) - 1} times")  # fmt: skip
     marks = [(e.get("name") or e["kind"], e["at"]) for e in events if e["kind"] in ("mark", "finished")]
     marks += [(f"uffd of PID {e['pid']}", e["at"]) for e in events if e["kind"] == "task"]
+    marks += [(f"PID {e['pid']} served", e["ready"]) for e in events if e["kind"] == "task" and "ready" in e]
     if marks:
         base = min(at for _, at in marks)
         lines.append("  timeline (s from the first mark; the fill began at "
