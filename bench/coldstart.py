@@ -33,6 +33,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_client: httpx.Client | None = None
+
+
+def http_client() -> httpx.Client:
+    """One client for every probe, made before anything is timed: a client of its own per
+    probe (``httpx.get``) spent milliseconds building an SSL context inside the timing,
+    which a load balancer's long-lived client does not."""
+    global _client
+    if _client is None:
+        _client = httpx.Client(timeout=300)
+    return _client
+
+
 def first_token(
     port: int, t0: float, startup: dict[str, float], timeout: float = 600, prompt: dict | None = None
 ) -> tuple[float, float, str]:
@@ -40,21 +53,23 @@ def first_token(
 
     ``startup`` receives the worker's own start-up phases from /ready.
     """
+    client = http_client()
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+            if client.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
             raise SystemExit(f"worker on {port} never became ready")
-        time.sleep(0.01)
+        time.sleep(0.002)
     ready = time.perf_counter() - t0
+    r = client.post(f"http://127.0.0.1:{port}/v1/completions", json=prompt or PROMPT, timeout=300).json()
+    took = time.perf_counter() - t0
     startup.clear()
-    startup.update(httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).json().get("startup", {}))
-    r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=prompt or PROMPT, timeout=300).json()
-    return ready, time.perf_counter() - t0, r["choices"][0]["text"]
+    startup.update(client.get(f"http://127.0.0.1:{port}/ready", timeout=5).json().get("startup", {}))
+    return ready, took, r["choices"][0]["text"]
 
 
 def serve_cmd(model: str, device: str, kv: float, port: int) -> list[str]:
@@ -112,6 +127,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--kv-gib", type=float, nargs="+", default=[1.0])
     args = ap.parse_args()
+    http_client()  # made before anything is timed
     rows = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as d:
         for kv in args.kv_gib:

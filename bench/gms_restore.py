@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from coldstart import first_token as coldstart_first_token
-from coldstart import free_port
+from coldstart import free_port, http_client
 
 PROMPT = {"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0}
 #: Qwen3-32B's shape per layer; the layer count is chosen from --gib
@@ -219,6 +219,7 @@ def main() -> int:
     ap.add_argument("--trace", type=Path, default=None, help="write each restore's page-server trace here")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu to smoke-test this script (memfd service)")
     args = ap.parse_args()
+    http_client()  # made before anything is timed
     if args.trace:
         args.trace.mkdir(parents=True, exist_ok=True)
         os.environ["GMS_BENCH_TRACE"] = str(args.trace)

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from _support import Tree, start_tree  # noqa: E402
-from coldstart import first_token, free_port, serve_cmd  # noqa: E402
+from coldstart import first_token, free_port, http_client, serve_cmd  # noqa: E402
 
 from warmstart import protocol  # noqa: E402
 from warmstart.host.criu import DumpOptions, find_criu  # noqa: E402
@@ -139,6 +139,7 @@ def main() -> None:
                          "noverify: warmstart restore --no-verify (what the checksums cost)")  # fmt: skip
     ap.add_argument("--trace", type=Path, help="write each restore's page-server trace here (bench/fill_trace.py)")
     args = ap.parse_args()
+    http_client()  # made before anything is timed
     gpu = args.model is not None and args.device.startswith("cuda")
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as d:
         work = Path(d)

@@ -260,6 +260,9 @@ class PageServer:
         self._pending: list[tuple[_Task, int]] = []  # faults deferred behind layout events
         self._listener: socket.socket | None = None
         self._epoll = select.epoll()
+        self._closed = False
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # close() wakes the event loop
+        self._epoll.register(self._wake, select.EPOLLIN)
         self._threads: list[threading.Thread] = []
         self._local = threading.local()
         self._queue: FillQueue | None = None  # while fill() runs
@@ -306,10 +309,16 @@ class PageServer:
     def close(self) -> None:
         """Stop serving. A fill still running (lazy restore) is cancelled and
         waited for first, so no thread uses a descriptor after it is closed."""
+        if self._closed:
+            return
+        self._closed = True
+        self.mark("closing")
         self._cancelled.set()
         with self._filling:
             pass
         self._stop.set()
+        # Wake the loops rather than let them wait out a timeout (0.085 s of a 0.17 s fill phase).
+        os.eventfd_write(self._wake, 1)
         for t in self._threads:
             t.join()
         self._threads.clear()
@@ -317,12 +326,6 @@ class PageServer:
             self._listener.close()
             self._listener = None
         self.socket_path.unlink(missing_ok=True)
-        if self.trace_path:
-            try:
-                Path(self.trace_path).write_text(json.dumps({"events": self._trace}))
-            except OSError as exc:  # a debugging aid never fails the restore
-                log.warning("page server: cannot write the trace to %s: %s", self.trace_path, exc)
-            self.trace_path = None
         with self._lock:
             for task in self._tasks.values():
                 try:
@@ -336,7 +339,15 @@ class PageServer:
                 except OSError:
                     pass
             self._opened.clear()
+        self.mark("closed")
+        if self.trace_path:
+            try:
+                Path(self.trace_path).write_text(json.dumps({"events": self._trace}))
+            except OSError as exc:  # a debugging aid never fails the restore
+                log.warning("page server: cannot write the trace to %s: %s", self.trace_path, exc)
+            self.trace_path = None
         self._epoll.close()
+        os.close(self._wake)
 
     # -- readahead -------------------------------------------------------
     def _read_ahead(self) -> None:
@@ -418,6 +429,9 @@ class PageServer:
         assert self._listener is not None
         while not self._stop.is_set():
             try:
+                ready, _, _ = select.select([self._listener, self._wake], [], [])
+                if self._wake in ready:  # close()
+                    return
                 conn, _ = self._listener.accept()
             except TimeoutError:
                 continue
@@ -475,6 +489,8 @@ class PageServer:
             except OSError:
                 return
             for fd, _mask in ready:
+                if fd == self._wake:
+                    continue
                 with self._lock:
                     task = self._tasks.get(fd)
                 if task is None:
@@ -796,8 +812,10 @@ class PageServer:
             time.sleep(0.0005)
         self._raise_errors()
 
+        self.mark("fill-start")
         failed = threading.Event()
         queue = self._queue = FillQueue(self._chunks())
+        self.mark("chunks-listed")
         small: deque[Chunk] = deque()  # batches of small runs, waiting for the one batch lane
         checks: list[Future[None]] = []
 
@@ -859,8 +877,10 @@ class PageServer:
             ):
                 futures = [pool.submit(worker) for _ in range(min(self.threads, len(queue)) or 1)]
                 moved = sum(f.result() for f in futures)
+                self.mark("copies-done")
                 for check in checks:
                     check.result()
+                self.mark("checks-done")
         finally:
             self._queue = None
         self._raise_errors()

@@ -115,7 +115,7 @@ class Coordinator:
         labels: Mapping[str, str] | None = None,
         control_dir: str | os.PathLike[str] | None = None,
         continue_after_snapshot: bool | None = None,
-        poll_interval: float = 0.05,
+        poll_interval: float = 0.005,
         exit_original: Callable[[], None] | None = None,
     ) -> Outcome:
         directory = control_dir or os.environ.get(protocol.CONTROL_DIR_ENV)
