@@ -508,3 +508,38 @@ def test_restore_cli_writes_the_trace_it_is_asked_for(tree_factory, store_dir: P
     assert_continues(tree, json.loads(out.stdout)["pid"], before)
     chunks = [e for e in json.loads(trace.read_text())["events"] if e["kind"] == "chunk"]
     assert sum(e["bytes"] for e in chunks) >= 16 << 20  # the patterned memory, filled by the page server
+
+
+def test_page_servers_shorten_the_switch_interval_while_any_runs(tmp_path: Path) -> None:
+    from warmstart.host.pageserver import SWITCH_INTERVAL, PageServer
+
+    before = sys.getswitchinterval()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = PageServer(tmp_path, tmp_path / "a").__enter__()
+    second = PageServer(tmp_path, tmp_path / "b").__enter__()
+    try:
+        assert sys.getswitchinterval() == pytest.approx(min(before, SWITCH_INTERVAL))
+        first.close()
+        first.close()  # closing twice counts once
+        assert sys.getswitchinterval() == pytest.approx(min(before, SWITCH_INTERVAL))  # the second still runs
+    finally:
+        second.close()
+    assert sys.getswitchinterval() == pytest.approx(before)
+
+
+@pytest.mark.criu
+def test_the_pages_image_of_a_task_is_read_from_the_pagemap_head(tree_factory, store_dir: Path) -> None:
+    from warmstart.host.pagemap import pages_image_of
+
+    tree = tree_factory(mem_mib=16)
+    store = LocalStore(store_dir)
+    checkpoint(tree.pid, store=store, name="heads", options=CheckpointOptions(leave_running=True))
+    images = store.path_of("heads") / IMAGES_DIR
+    pids = task_pids(images)
+    assert len(pids) >= 2  # the root and its child
+    for pid in pids:
+        assert pages_image_of(images, pid) == read_pagemap(images, pid).pages
+    (images / f"pagemap-{min(pids)}.img").write_bytes(b"\0" * 6)
+    with pytest.raises(SnapshotCorrupt, match="cannot be parsed"):
+        pages_image_of(images, min(pids))

@@ -22,11 +22,12 @@ import bisect
 import logging
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from warmstart.host.pagemap import PE_PRESENT, _messages, read_pagemap
+from warmstart.host.pagemap import PE_PRESENT, Pagemap, _messages, read_pagemap
 from warmstart.host.residency import read_in
 from warmstart.host.stats import decode_fields, iter_fields
 
@@ -81,8 +82,13 @@ def private_file_vmas(images: Path, pid: int) -> list[FileVma]:
     return sorted(out, key=lambda v: v.start)
 
 
-def copy_on_write_reads(images: Path, pids: list[int]) -> dict[str, list[tuple[int, int]]]:
-    """Per file path, the (offset, length) runs CRIU's restore reads to copy-on-write dumped pages."""
+def copy_on_write_reads(
+    images: Path, pids: list[int], pagemaps: Callable[[int], Pagemap] | None = None
+) -> dict[str, list[tuple[int, int]]]:
+    """Per file path, the (offset, length) runs CRIU's restore reads to copy-on-write dumped pages.
+
+    ``pagemaps`` gives a task's parsed pagemap (the page server's, parsed once)."""
+    pagemap_of = pagemaps or (lambda pid: read_pagemap(images, pid))
     files = regular_files(images)
     spans: dict[str, list[tuple[int, int]]] = {}
     for pid in pids:
@@ -90,7 +96,7 @@ def copy_on_write_reads(images: Path, pids: list[int]) -> dict[str, list[tuple[i
         if not vmas:
             continue
         starts = [v.start for v in vmas]
-        for run in read_pagemap(images, pid).runs:
+        for run in pagemap_of(pid).runs:
             if not run.flags & PE_PRESENT or run.lazy:
                 continue  # lazy pages are anonymous memory: no file under them
             i = max(0, bisect.bisect_right(starts, run.vaddr) - 1)
@@ -122,8 +128,17 @@ class FileReadahead:
     restore (an error ends it, and CRIU reads from disk as it would have).
     """
 
-    def __init__(self, images: Path, pids: list[int], *, root: Path = Path("/"), threads: int = 16) -> None:
+    def __init__(
+        self,
+        images: Path,
+        pids: list[int],
+        *,
+        root: Path = Path("/"),
+        threads: int = 16,
+        pagemaps: Callable[[int], Pagemap] | None = None,
+    ) -> None:
         self.images = Path(images)
+        self.pagemaps = pagemaps
         self.pids = pids
         self.root = Path(root)
         self.threads = threads
@@ -143,7 +158,7 @@ class FileReadahead:
             files = regular_files(self.images)
             with ThreadPoolExecutor(self.threads, thread_name_prefix="file-readahead") as pool:
                 list(pool.map(self._look_up, files.values()))  # metadata first: CRIU opens every one
-                reads = copy_on_write_reads(self.images, self.pids)
+                reads = copy_on_write_reads(self.images, self.pids, self.pagemaps)
                 jobs = [(name, off, n) for name, ranges in reads.items() for off, n in ranges]
                 jobs.sort(key=lambda job: -job[2])
                 self.bytes = sum(pool.map(lambda job: self._read(*job), jobs))

@@ -77,6 +77,24 @@ def _messages(data: bytes, name: str) -> Iterator[bytes]:
         pos += length
 
 
+def pages_image_of(images: Path, pid: int) -> Path:
+    """The pages image a task's pagemap points to, from the pagemap's head alone."""
+    path = Path(images) / f"pagemap-{pid}.img"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        pages_id = decode_fields(next(_messages(head[: 12 + struct.unpack_from("<I", head, 8)[0]], path.name))).get(1)
+    except FileNotFoundError:
+        raise SnapshotCorrupt(f"{path.name} is missing", hint="the snapshot is damaged; take a new one") from None
+    except (ValueError, StopIteration, struct.error) as exc:
+        raise SnapshotCorrupt(f"{path.name} cannot be parsed ({exc})",
+                              hint="the snapshot is damaged; take a new one") from None  # fmt: skip
+    if not isinstance(pages_id, int):
+        raise SnapshotCorrupt(f"{path.name} cannot be parsed (no pages_id)",
+                              hint="the snapshot is damaged; take a new one")  # fmt: skip
+    return Path(images) / f"pages-{pages_id}.img"
+
+
 def read_pagemap(images: Path, pid: int) -> Pagemap:
     return read_pagemap_file(Path(images) / f"pagemap-{pid}.img", pid)
 

@@ -245,6 +245,7 @@ def restore(
             criu_images = run_dir / "images"
             unpacked = unpack_view(images, criu_images, lazy=parallel)
         timer.set_bytes("unpack", unpacked)
+    preparing = time.perf_counter()
     with ExitStack() as stack:
         if criu_images != images:  # the unpacked view is only CRIU's to read
             stack.callback(shutil.rmtree, criu_images, ignore_errors=True)
@@ -278,8 +279,10 @@ def restore(
         keeper: Keeper | None = None
         readahead: Prefetch | None = None
         # What CRIU will read of the tree's own files (lookups, copy-on-write pages): ahead of it.
-        file_reads = FileReadahead(criu_images, sorted(task_pids(criu_images)), root=request.file_root).start()
+        file_reads = FileReadahead(criu_images, sorted(task_pids(criu_images)), root=request.file_root,
+                                   pagemaps=server.pagemap if server is not None else None).start()  # fmt: skip
         filled_bytes = 0
+        timer.add("prepare", time.perf_counter() - preparing)
         try:
             with timer.phase("criu-restore"):
                 if server is not None:
@@ -344,6 +347,8 @@ def restore(
             if incoming is not None:
                 incoming.abort(exc)
             raise
+        finishing = time.perf_counter()
+    timer.add("finish", time.perf_counter() - finishing)
     if not manifest.compression:
         timer.set_bytes("criu-restore", manifest.total_bytes - filled_bytes)
     if file_reads.done.is_set():
