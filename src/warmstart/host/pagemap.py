@@ -15,6 +15,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from warmstart.errors import SnapshotCorrupt
 from warmstart.host.stats import decode_fields, iter_fields
@@ -25,9 +26,11 @@ PE_LAZY = 1 << 1
 PE_PRESENT = 1 << 2
 
 
-@dataclass(frozen=True)
-class PageRun:
-    """``nr_pages`` pages at ``vaddr`` in the task, ``offset`` in the pages image."""
+class PageRun(NamedTuple):
+    """``nr_pages`` pages at ``vaddr`` in the task, ``offset`` in the pages image.
+
+    A named tuple, not a dataclass: a worker has 12k+ runs, parsed while CRIU's
+    restorer waits, and a tuple is built four times faster."""
 
     vaddr: int
     nr_pages: int
@@ -77,6 +80,58 @@ def _messages(data: bytes, name: str) -> Iterator[bytes]:
         pos += length
 
 
+def _entries(data: bytes, pos: int) -> Iterator[tuple[int, int, int]]:
+    """(vaddr, nr_pages, flags) of each ``pagemap_entry`` from ``pos`` on: the generic
+    decoder, unrolled for these four varint fields (a third of the parse time)."""
+    end = len(data)
+    while pos < end:
+        if pos + 4 > end:
+            raise ValueError("truncated entry")
+        stop = pos + 4 + (data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16 | data[pos + 3] << 24)
+        if stop > end:
+            raise ValueError("truncated entry")
+        pos += 4
+        start = pos
+        vaddr = nr = -1
+        flags = 0
+        while pos < stop:
+            key = data[pos]
+            byte = data[pos + 1]
+            pos += 2
+            value = byte & 0x7F
+            shift = 7
+            while byte & 0x80:
+                if pos >= stop or shift > 63:
+                    raise ValueError("bad varint")
+                byte = data[pos]
+                pos += 1
+                value |= (byte & 0x7F) << shift
+                shift += 7
+            if key == 0x08:
+                vaddr = value
+            elif key == 0x10:
+                nr = value
+            elif key == 0x20:
+                flags |= value
+            elif key == 0x18:  # in_parent (old images)
+                flags |= PE_PARENT if value else 0
+            else:  # a field this loop does not know: the generic decoder takes the entry
+                vaddr, nr, flags = _entry(data[start:stop])
+                pos = stop
+                break
+        if pos != stop or vaddr < 0 or nr < 0:
+            raise ValueError("bad pagemap entry")
+        yield vaddr, nr, flags
+
+
+def _entry(raw: bytes) -> tuple[int, int, int]:
+    f = decode_fields(raw)
+    vaddr, nr, flags = f.get(1), f.get(2), f.get(4, 0)
+    if not (isinstance(vaddr, int) and isinstance(nr, int) and isinstance(flags, int)):
+        raise ValueError("bad pagemap entry")
+    return vaddr, nr, flags | (PE_PARENT if f.get(3) else 0)
+
+
 def pages_image_of(images: Path, pid: int) -> Path:
     """The pages image a task's pagemap points to, from the pagemap's head alone."""
     path = Path(images) / f"pagemap-{pid}.img"
@@ -116,13 +171,7 @@ def read_pagemap_file(path: Path, pid: int = 0) -> Pagemap:
             raise ValueError("no pages_id")
         runs: list[PageRun] = []
         offset = 0
-        for raw in messages:
-            f = decode_fields(raw)
-            vaddr, nr, flags = f.get(1), f.get(2), f.get(4, 0)
-            if not (isinstance(vaddr, int) and isinstance(nr, int) and isinstance(flags, int)):
-                raise ValueError("bad pagemap entry")
-            if f.get(3):  # in_parent (old images)
-                flags |= PE_PARENT
+        for vaddr, nr, flags in _entries(data, 12 + struct.unpack_from("<I", data, 8)[0]):
             runs.append(PageRun(vaddr, nr, flags, offset))
             if flags & PE_PRESENT:
                 offset += nr * PAGE_SIZE
@@ -156,9 +205,14 @@ def split_at_vmas(runs: list[PageRun], vmas: list[tuple[int, int]]) -> list[Page
     """Cut runs where mappings end: one UFFDIO_COPY may not cross a mapping."""
     out: list[PageRun] = []
     bounds = sorted({b for vma in vmas for b in vma})
+    after = bisect.bisect_right
+    n = len(bounds)
     for run in runs:
         start = run.vaddr
-        i = bisect.bisect_right(bounds, start)
+        i = after(bounds, start)
+        if i == n or bounds[i] >= start + run.nr_pages * PAGE_SIZE:
+            out.append(run)  # inside one mapping: most runs
+            continue
         while start < run.end:
             end = min(run.end, bounds[i]) if i < len(bounds) else run.end
             out.append(
