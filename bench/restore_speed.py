@@ -39,7 +39,7 @@ from _support import Tree, start_tree  # noqa: E402
 from coldstart import first_token, free_port, http_client, serve_cmd  # noqa: E402
 
 from warmstart import protocol  # noqa: E402
-from warmstart.host.criu import DumpOptions, find_criu  # noqa: E402
+from warmstart.host.criu import LOG_LEVEL_ENV, DumpOptions, find_criu  # noqa: E402
 from warmstart.host import pageserver  # noqa: E402
 from warmstart.host.process import kill_tree, wait_exits  # noqa: E402
 from warmstart.snapshot.checkpoint import CheckpointOptions, checkpoint  # noqa: E402
@@ -91,12 +91,18 @@ def ours(
     short = pageserver.SWITCH_INTERVAL
     if who == "long-switch":  # the page server's short GIL slices off, for an A/B in one run
         pageserver.SWITCH_INTERVAL = sys.getswitchinterval()
+    level = os.environ.pop(LOG_LEVEL_ENV, None)
+    if who == "criu-v2":  # CRIU logging warnings only, for an A/B in one run
+        os.environ[LOG_LEVEL_ENV] = "2"
     try:
         t0 = time.perf_counter()
         r = restore(name, store=store, request=request)
         took = time.perf_counter() - t0
     finally:
         pageserver.SWITCH_INTERVAL = short
+        os.environ.pop(LOG_LEVEL_ENV, None)
+        if level is not None:
+            os.environ[LOG_LEVEL_ENV] = level
     ttft = first_token(port, t0, {}, 60, ONE_TOKEN)[1] if port else None
     return took, r.pid, {p.name.strip(): p.seconds for p in r.timer.phases}, ttft
 
@@ -141,12 +147,13 @@ def main() -> None:
                     help="warmstart without its page server (CRIU fills memory)")  # fmt: skip
     ap.add_argument("--modes", nargs="+", default=["naive", "warmstart", "lazy"],
                     choices=["naive", "naive-dense", "warmstart", "lazy", "prefetch", "lazy+prefetch", "noverify",
-                             "long-switch"],
+                             "long-switch", "criu-v2"],
                     help="lazy: warmstart restore --lazy (runs while the pages are filled); "
                          "prefetch: warmstart restore --prefetch; "
                          "noverify: warmstart restore --no-verify (what the checksums cost); "
                          "long-switch: warmstart with Python's default 5 ms GIL switch interval during the "
-                         "page server's work (it shortens it to 0.2 ms)")  # fmt: skip
+                         "page server's work (it shortens it to 0.2 ms); "
+                         "criu-v2: warmstart with CRIU's log at level 2 (warnings), not its default")  # fmt: skip
     ap.add_argument("--trace", type=Path, help="write each restore's page-server trace here (bench/fill_trace.py)")
     args = ap.parse_args()
     http_client()  # made before anything is timed

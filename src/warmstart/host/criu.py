@@ -21,11 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from warmstart.errors import CriuError, EnvironmentProblem, PermissionError_
+from warmstart.errors import CriuError, EnvironmentProblem, PermissionError_, UsageError
 from warmstart.host.criulog import diagnose_file
 
 MIN_VERSION = (4, 1)
 CRIU_ENV = "WARMSTART_CRIU"
+#: CRIU's log level for every run (``-v``; 1 errors, 2 warnings, 3 info, 4 debug).
+LOG_LEVEL_ENV = "WARMSTART_CRIU_LOG_LEVEL"
+DEFAULT_LOG_LEVEL = 4
 _SEARCH_PATH = ("/usr/local/sbin/criu", "/usr/sbin/criu", "/usr/local/bin/criu", "/usr/bin/criu")
 
 
@@ -115,12 +118,17 @@ class RestoreOptions:
 class Criu:
     """One CRIU binary."""
 
-    def __init__(self, path: Path, version: CriuVersion, *, prefix: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, path: Path, version: CriuVersion, *, prefix: tuple[str, ...] = (), log_level: int | None = None
+    ) -> None:
         self.path = Path(path)
         self.version = version
         #: Command that CRIU runs under (e.g. ``nsenter ... --``): the container
         #: restore runs CRIU inside a placeholder's namespaces this way.
         self.prefix = tuple(prefix)
+        #: ``-v`` of every run (``$WARMSTART_CRIU_LOG_LEVEL``, else :data:`DEFAULT_LOG_LEVEL`).
+        #: Errors are logged at every level, so failures are explained at any of them.
+        self.log_level = log_level if log_level is not None else log_level_from_env()
 
     def __repr__(self) -> str:
         return f"Criu({str(self.path)!r}, {self.version})"
@@ -136,7 +144,7 @@ class Criu:
         on_start: Callable[[int], None] | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
         log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [*self.prefix, str(self.path), action, *args, "-v4", "-o", str(log)]
+        cmd = [*self.prefix, str(self.path), action, *args, f"-v{self.log_level}", "-o", str(log)]
         out = log.with_suffix(".out")
         with open(out, "wb") as sink:
             proc = subprocess.Popen(
@@ -311,6 +319,16 @@ def cached_version(path: Path) -> CriuVersion:
         doc[key] = {"identity": list(ident), "version": str(version)}
         _save_cache(cache, doc)
     return version
+
+
+def log_level_from_env() -> int:
+    raw = os.environ.get(LOG_LEVEL_ENV, "").strip()
+    if not raw:
+        return DEFAULT_LOG_LEVEL
+    if raw not in {"1", "2", "3", "4"}:
+        raise UsageError(f"{LOG_LEVEL_ENV}={raw!r} is not a CRIU log level",
+                         hint="use 1 (errors), 2 (warnings), 3 (info) or 4 (debug)")  # fmt: skip
+    return int(raw)
 
 
 def find_criu(path: str | os.PathLike[str] | None = None, *, require_root: bool = True) -> Criu:

@@ -240,7 +240,7 @@ class PlaceholderCriu(Criu):
             "nsenter", "--target", str(target.pid), "--pid", *cgroupns, "--",
             "unshare", "--mount", "--propagation", "private", "--mount-proc", "--",
         )
-        super().__init__(base.path, base.version, prefix=prefix)
+        super().__init__(base.path, base.version, prefix=prefix, log_level=base.log_level)
         chain = procinfo.ns_pid_chain(target.pid)
         self.depth = len(chain) - 1
         self.inner_pid = chain[-1]  # the placeholder's PID inside its own namespace
