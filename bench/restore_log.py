@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
 import shutil
 import sys
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from restore_speed import drop_caches, snapshot_worker  # noqa: E402
 
+from warmstart.host.criu import LOG_LEVEL_ENV  # noqa: E402
 from warmstart.host.process import kill_tree  # noqa: E402
 from warmstart.snapshot.restore import RestoreRequest, restore  # noqa: E402
 from warmstart.store.local import LocalStore  # noqa: E402
@@ -55,6 +57,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", type=Path, help="copy CRIU's restore log here")
     args = ap.parse_args()
+    os.environ[LOG_LEVEL_ENV] = "4"  # every step of CRIU's, timed (warmstart's default is 2)
     with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
         work = Path(d)
         store = LocalStore(work / "store")

@@ -92,8 +92,8 @@ def ours(
     if who == "long-switch":  # the page server's short GIL slices off, for an A/B in one run
         pageserver.SWITCH_INTERVAL = sys.getswitchinterval()
     level = os.environ.pop(LOG_LEVEL_ENV, None)
-    if who == "criu-v2":  # CRIU logging warnings only, for an A/B in one run
-        os.environ[LOG_LEVEL_ENV] = "2"
+    if who == "criu-v4":  # CRIU logging at debug level, for an A/B in one run
+        os.environ[LOG_LEVEL_ENV] = "4"
     try:
         t0 = time.perf_counter()
         r = restore(name, store=store, request=request)
@@ -147,13 +147,13 @@ def main() -> None:
                     help="warmstart without its page server (CRIU fills memory)")  # fmt: skip
     ap.add_argument("--modes", nargs="+", default=["naive", "warmstart", "lazy"],
                     choices=["naive", "naive-dense", "warmstart", "lazy", "prefetch", "lazy+prefetch", "noverify",
-                             "long-switch", "criu-v2"],
+                             "long-switch", "criu-v4"],
                     help="lazy: warmstart restore --lazy (runs while the pages are filled); "
                          "prefetch: warmstart restore --prefetch; "
                          "noverify: warmstart restore --no-verify (what the checksums cost); "
                          "long-switch: warmstart with Python's default 5 ms GIL switch interval during the "
                          "page server's work (it shortens it to 0.2 ms); "
-                         "criu-v2: warmstart with CRIU's log at level 2 (warnings), not its default")  # fmt: skip
+                         "criu-v4: warmstart with CRIU's log at level 4 (debug), not its default 2")  # fmt: skip
     ap.add_argument("--trace", type=Path, help="write each restore's page-server trace here (bench/fill_trace.py)")
     args = ap.parse_args()
     http_client()  # made before anything is timed
