@@ -136,9 +136,13 @@ class FileReadahead:
         root: Path = Path("/"),
         threads: int = 16,
         pagemaps: Callable[[int], Pagemap] | None = None,
+        after_lookups: Callable[[], object] | None = None,
     ) -> None:
         self.images = Path(images)
         self.pagemaps = pagemaps
+        #: Waited for between the lookups and the rest (the page server's parse, which
+        #: CRIU's restorer waits on, goes before this Python work).
+        self.after_lookups = after_lookups
         self.pids = pids
         self.root = Path(root)
         self.threads = threads
@@ -158,6 +162,8 @@ class FileReadahead:
             files = regular_files(self.images)
             with ThreadPoolExecutor(self.threads, thread_name_prefix="file-readahead") as pool:
                 list(pool.map(self._look_up, files.values()))  # metadata first: CRIU opens every one
+                if self.after_lookups is not None:
+                    self.after_lookups()
                 reads = copy_on_write_reads(self.images, self.pids, self.pagemaps)
                 jobs = [(name, off, n) for name, ranges in reads.items() for off, n in ranges]
                 jobs.sort(key=lambda job: -job[2])

@@ -39,7 +39,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -475,6 +475,11 @@ class PageServer:
             except Exception:  # noqa: BLE001 - parsed again below, which says what is wrong
                 pass
         return read_pagemap(self.images, pid)
+
+    def wait_prepared(self, timeout: float = 10.0) -> None:
+        """Wait until every expected task is parsed (or its parse failed: it is redone,
+        and reported, when the task arrives)."""
+        wait(list(self._prepared.values()), timeout=timeout)
 
     def _prepared_pagemaps(self) -> list[Pagemap]:
         return [self.pagemap(pid) for pid in sorted(self._prepared)]

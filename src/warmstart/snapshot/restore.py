@@ -258,7 +258,6 @@ def restore(
             else None
         )
         rest = [e for e in expected if fill_check is None or e not in fill_check]
-        verifying = pool.submit(_verify, incoming, path, rest) if request.verify else None
         server = (
             stack.enter_context(
                 PageServer(
@@ -275,12 +274,17 @@ def restore(
             if parallel
             else None
         )
+        # The page server's parse of the pagemaps goes first: CRIU's restorer waits on it
+        # for its first faults, and the checks below are Python work that competes for the GIL.
+        parsed = server.wait_prepared if server is not None else None
+        verifying = pool.submit(_verify, incoming, path, rest, parsed) if request.verify else None
         filling: Future[FillStats] | None = None
         keeper: Keeper | None = None
         readahead: Prefetch | None = None
         # What CRIU will read of the tree's own files (lookups, copy-on-write pages): ahead of it.
         file_reads = FileReadahead(criu_images, sorted(task_pids(criu_images)), root=request.file_root,
-                                   pagemaps=server.pagemap if server is not None else None).start()  # fmt: skip
+                                   pagemaps=server.pagemap if server is not None else None,
+                                   after_lookups=parsed).start()  # fmt: skip
         filled_bytes = 0
         timer.add("prepare", time.perf_counter() - preparing)
         try:
@@ -422,7 +426,11 @@ def _wait_fetched(timer: Timer, incoming: Incoming) -> None:
         incoming.wait()
 
 
-def _verify(incoming: Incoming | None, path: Path, expected: list[Expected]) -> int:
+def _verify(
+    incoming: Incoming | None, path: Path, expected: list[Expected], first: Callable[[], object] | None = None
+) -> int:
+    if first is not None:
+        first()
     if incoming is not None:
         incoming.wait()
     return verify_files(path, expected)
