@@ -543,3 +543,25 @@ def test_the_pages_image_of_a_task_is_read_from_the_pagemap_head(tree_factory, s
     (images / f"pagemap-{min(pids)}.img").write_bytes(b"\0" * 6)
     with pytest.raises(SnapshotCorrupt, match="cannot be parsed"):
         pages_image_of(images, min(pids))
+
+
+@pytest.mark.criu
+def test_the_page_server_parses_every_task_before_criu_hands_it_over(tree_factory, store_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    from warmstart.host.pageserver import PageServer
+
+    tree = tree_factory(mem_mib=32, scatter_runs=500)
+    store = LocalStore(store_dir)
+    checkpoint(tree.pid, store=store, name="ahead", options=CheckpointOptions(leave_running=True))
+    images = store.path_of("ahead") / IMAGES_DIR
+    with PageServer(images, tmp_path, check=lambda *_: None) as server:
+        server.wait_prepared()
+        for pid in task_pids(images):
+            pagemap, task = server._prepared[pid].result()
+            assert server.pagemap(pid) == pagemap == read_pagemap(images, pid)
+            want = sorted(split_at_vmas(pagemap.lazy_runs, read_vmas(images, pid)), key=lambda r: r.vaddr)
+            assert task.runs == want and task.fd == -1  # no userfaultfd yet: CRIU has not run
+            assert task.chunks is not None
+            listed = [r for c in task.chunks if c.payload[1] is not None
+                      for r in (c.payload[1] if isinstance(c.payload[1], list) else [c.payload[1]])]  # fmt: skip
+            assert {r.vaddr for r in want} <= {r.vaddr for r in listed}  # every run has its chunk
