@@ -308,6 +308,7 @@ class PageServer:
         #: PID -> (pagemap, its task: runs cut at mappings, pages source, chunks), ahead of CRIU
         self._prepared: dict[int, Future[tuple[Pagemap, _Task]]] = {}
         self._opened: list[PagesSource] = []  # every pages source opened, closed by close()
+        self._expected: set[int] | None = None
 
     # -- lifecycle -------------------------------------------------------
     def __enter__(self) -> PageServer:
@@ -379,12 +380,10 @@ class PageServer:
                 except OSError:
                     pass
             self._tasks.clear()
-            for pages in self._opened:
-                try:
-                    pages.close()
-                except OSError:
-                    pass
-            self._opened.clear()
+            opened, self._opened = self._opened, []
+        # Unmapping gigabytes of mapped image takes tens of milliseconds and nothing waits
+        # for it: the tasks are whole once their userfaultfds are closed (above).
+        threading.Thread(target=_close_all, args=(opened,), name="pages-unmap", daemon=True).start()
         self.mark("closed")
         if self.trace_path:
             try:
@@ -842,8 +841,11 @@ class PageServer:
         return placed
 
     def expected_pids(self) -> set[int]:
-        """The tasks CRIU will hand over: every task with a pagemap image (zombies have none)."""
-        return task_pids(self.images)
+        """The tasks CRIU will hand over: every task with a pagemap image (zombies have none).
+        Listed once (a worker's image directory holds thousands of files)."""
+        if self._expected is None:
+            self._expected = task_pids(self.images)
+        return set(self._expected)
 
     def task_fds(self) -> dict[int, int]:
         """PID -> userfaultfd of every task handed over so far (for a keeper to hold copies)."""
@@ -984,6 +986,14 @@ def _coarse(parts: Iterable[tuple[int, int, bool]]) -> list[tuple[int, int, bool
         else:
             out.append((offset, length, is_hole))
     return out
+
+
+def _close_all(sources: list[PagesSource]) -> None:
+    for pages in sources:
+        try:
+            pages.close()
+        except OSError:
+            pass
 
 
 def task_pids(images: Path) -> set[int]:
