@@ -30,8 +30,9 @@ CRIU_ENV = "WARMSTART_CRIU"
 LOG_LEVEL_ENV = "WARMSTART_CRIU_LOG_LEVEL"
 #: CRIU's own default. At 4 (debug) CRIU writes a line per mapping, page run and
 #: file, one ``write`` each: on a 16-core H200 that made a 1 GiB dump 10 % slower
-#: and the GPU worker's restore 0.16 s slower (seventh session, docs/benchmarks.md).
-#: Errors are logged at every level, so failures are explained the same way.
+#: (seventh session, docs/benchmarks.md; on the GPU worker's restore the difference
+#: was within the noise). Errors are logged at every level, so failures are
+#: explained the same way.
 DEFAULT_LOG_LEVEL = 2
 _SEARCH_PATH = ("/usr/local/sbin/criu", "/usr/sbin/criu", "/usr/local/bin/criu", "/usr/bin/criu")
 
