@@ -282,7 +282,8 @@ def restore(
         keeper: Keeper | None = None
         readahead: Prefetch | None = None
         # What CRIU will read of the tree's own files (lookups, copy-on-write pages): ahead of it.
-        file_reads = FileReadahead(criu_images, sorted(task_pids(criu_images)), root=request.file_root,
+        pids = server.expected_pids() if server is not None else task_pids(criu_images)  # listed once
+        file_reads = FileReadahead(criu_images, sorted(pids), root=request.file_root,
                                    pagemaps=server.pagemap if server is not None else None,
                                    after_lookups=parsed).start()  # fmt: skip
         filled_bytes = 0
