@@ -8,8 +8,10 @@ as many layers as fit ``--gib``):
   with ``--drop-caches`` again from a dropped page cache);
 * snapshot size with weights in the service vs in-process;
 * restore -> first token: service with resident weights, service streaming the
-  weights (evicted, page cache dropped with ``--drop-caches``), naive full
-  snapshot (weights in-process), and a cold start of the in-process worker.
+  weights (evicted, page cache dropped with ``--drop-caches``), the full
+  snapshot (weights in-process) restored by warmstart and by the naive
+  pipeline (bare ``criu restore`` + the driver's restore and unlock, then the
+  worker told it runs again), and a cold start of the in-process worker.
 
 Run as root on the GPU machine (about 4 minutes with the defaults on an H100):
 
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from coldstart import first_token as coldstart_first_token
 from coldstart import free_port, http_client
+from naive import bare_restore, hand_over
 
 PROMPT = {"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0}
 #: Qwen3-32B's shape per layer; the layer count is chosen from --gib
@@ -193,15 +196,22 @@ def snapshot_and_restores(model: Path, work: Path, name: str, kv: float, gms: Pa
         for stale in (protocol.RESTORE_COMPLETE, protocol.RESTORE_CONTEXT):  # of the previous restore
             (cdir / stale).unlink(missing_ok=True)
         port = free_port()
+        env = {"WARMSTART_PORT": str(port)}
         if trace := os.environ.get("GMS_BENCH_TRACE"):  # page-server traces (bench/fill_trace.py)
             os.environ["WARMSTART_PAGES_TRACE"] = f"{trace}/{name}-{label}.json"
         t2 = time.perf_counter()
-        r = restore(name, store=store, request=RestoreRequest(control_dir=cdir, env={"WARMSTART_PORT": str(port)}))
-        out[f"{label}_restore_call_s"] = time.perf_counter() - t2
+        if label == "bare":  # the naive pipeline on the same snapshot
+            _, pid = bare_restore(store, name, DEVICE == "cuda")
+            hand_over(store, name, cdir, env)
+            out[f"{label}_restore_call_s"] = time.perf_counter() - t2
+        else:
+            r = restore(name, store=store, request=RestoreRequest(control_dir=cdir, env=env))
+            out[f"{label}_restore_call_s"] = time.perf_counter() - t2
+            out[f"{label}_phases"] = {ph.name.strip(): round(ph.seconds, 3) for ph in r.timer.phases}  # type: ignore[assignment]
+            log(f"{name} {label}: restore phases {out[f'{label}_phases']}")
+            pid = r.pid
         out[f"{label}_first_token_s"] = first_token(port, t2)
-        out[f"{label}_phases"] = {ph.name.strip(): round(ph.seconds, 3) for ph in r.timer.phases}  # type: ignore[assignment]
-        log(f"{name} {label}: restore phases {out[f'{label}_phases']}")
-        kill(r.pid)
+        kill(pid)
         log(f"{name} {label}: restore -> first token {out[f'{label}_first_token_s']:.2f} s")
     return out
 
@@ -213,7 +223,7 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=None, help="use this model directory instead of making one")
     ap.add_argument("--kv-gib", type=float, default=1.0)
     ap.add_argument("--drop-caches", action="store_true", help="also measure streaming from a dropped page cache")
-    ap.add_argument("--skip-inprocess", action="store_true", help="skip the naive snapshot and the cold start")
+    ap.add_argument("--skip-inprocess", action="store_true", help="skip the full snapshot and the cold start")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--trace", type=Path, default=None, help="write each restore's page-server trace here")
@@ -286,7 +296,8 @@ def main() -> int:
         svc.wait(60)
 
     if not args.skip_inprocess:
-        res["inprocess"] = snapshot_and_restores(model, work, "inproc", args.kv_gib, None, ["naive"], lambda _l: None)
+        res["inprocess"] = snapshot_and_restores(model, work, "inproc", args.kv_gib, None, ["full", "bare"],
+                                                 lambda _l: None)  # fmt: skip
         port = free_port()
         t0 = time.perf_counter()
         p = subprocess.Popen(worker_cmd(model, args.kv_gib, port, None), stdout=subprocess.DEVNULL,
@@ -312,9 +323,11 @@ def main() -> int:
     if "inprocess" in res:
         i = res["inprocess"]
         summary["snapshot_gb_inprocess"] = i["snapshot_bytes"] / 1e9  # type: ignore[index]
-        summary["naive_first_token_s"] = i["naive_first_token_s"]  # type: ignore[index]
+        summary["full_first_token_s"] = i["full_first_token_s"]  # type: ignore[index]
+        summary["naive_first_token_s"] = i["bare_first_token_s"]  # type: ignore[index]
         summary["cold_first_token_s"] = res["cold_first_token_s"]
-        summary["speedup_resident_vs_naive"] = i["naive_first_token_s"] / g["resident_first_token_s"]  # type: ignore[index,operator]
+        summary["speedup_resident_vs_naive"] = i["bare_first_token_s"] / g["resident_first_token_s"]  # type: ignore[index,operator]
+        summary["speedup_resident_vs_full"] = i["full_first_token_s"] / g["resident_first_token_s"]  # type: ignore[index,operator]
         summary["speedup_resident_vs_cold"] = res["cold_first_token_s"] / g["resident_first_token_s"]  # type: ignore[index,operator]
     res["summary"] = summary
     text = json.dumps(res, indent=2, default=str)

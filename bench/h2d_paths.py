@@ -5,11 +5,14 @@ host-to-device bandwidth. This measures, on one file held in the page cache
 and one device allocation of the service's kind (``cuMemCreate``), in the
 same run:
 
-* ``pinned``: the ceiling, the same pinned buffer copied again and again;
+* ``pinned``: the ceiling, pinned buffers copied again and again: one 1 GiB
+  copy (as torch's ``pin_memory`` copy measures it), 64 MiB copies queued back
+  to back on one stream, and 1-8 lanes each copying its own buffer and waiting;
 * ``pageable``: one ``cuMemcpyHtoD`` per chunk straight from the file's mapping;
 * ``staged``: the service's loader as it is (``warmstart.gms.loader.fill``:
   ``preadv`` into pinned staging buffers, xxh3 of each chunk, copy overlapped
-  with the next read), with 4, 8 and 16 lanes;
+  with the next read), with 4, 8 and 16 lanes, each lane on a copy stream of
+  its own and (``--copy-streams``) all lanes on 1 or 2 shared streams;
 * ``staged-nohash``: the same without the hash;
 * ``registered``: no staging copy: each 64 MiB chunk of the file's mapping is
   pinned where it lies (``cuMemHostRegister``, read-only), copied, and
@@ -87,6 +90,9 @@ def main() -> int:
     ap.add_argument("--gib", type=float, default=8)
     ap.add_argument("--file", type=Path, default=Path("/var/tmp/h2d-paths.bin"))
     ap.add_argument("--lanes", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--copy-streams", type=int, nargs="+", default=[0, 1, 2],
+                    help="the loader's shared copy streams to try (0: one per lane)")
+    ap.add_argument("--only", choices=["pinned", "staged"], help="run only these paths")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     size = int(args.gib * (1 << 30)) // CHUNK * CHUNK
@@ -127,20 +133,62 @@ def main() -> int:
         drv.call("cuMemcpyHtoDAsync_v2", target + off, p, n, s)
         drv.call("cuStreamSynchronize", s)
 
-    for lanes in (4, 8):
-        pinned.clear()
-        record(f"pinned x{lanes}", lanes_run(lanes, size, pinned_body, pinned_setup))
+    big, stream = ctypes.c_void_p(), ctypes.c_void_p()
+    d.current()
+    drv.call("cuMemHostAlloc", ctypes.pointer(big), 1 << 30, 0)
+    drv.call("cuStreamCreate", ctypes.pointer(stream), 1)
+    span = min(size, 1 << 30)
+
+    def one_copy() -> float:
+        best = 0.0
+        for _ in range(3):
+            t0 = time.perf_counter()
+            drv.call("cuMemcpyHtoDAsync_v2", target, big, span, stream)
+            drv.call("cuStreamSynchronize", stream)
+            took = time.perf_counter() - t0
+            best = took if not best else min(best, took)
+        return best * size / span
+
+    def queued() -> float:
+        t0 = time.perf_counter()
+        for off in range(0, size, CHUNK):
+            n = min(CHUNK, size - off)
+            drv.call("cuMemcpyHtoDAsync_v2", target + off, (big.value or 0) + off % span, n, stream)
+        drv.call("cuStreamSynchronize", stream)
+        return time.perf_counter() - t0
+
+    if args.only != "staged":
+        record("pinned 1 GiB copy", one_copy())
+        record("pinned queued, 1 stream", queued())
+        for lanes in (1, 2, 4, 8):
+            pinned.clear()
+            record(f"pinned x{lanes}", lanes_run(lanes, size, pinned_body, pinned_setup))
+    drv.call("cuMemFreeHost", big)
+    drv.call("cuStreamDestroy_v2", stream)
+    if args.only == "pinned":
+        args.lanes, args.copy_streams = [], []
 
     def pageable_body(off: int, n: int) -> None:
         drv.call("cuMemcpyHtoD_v2", target + off, base + off, n)
 
-    record("pageable x8", lanes_run(8, size, pageable_body, d.current))
+    if args.only is None:
+        record("pageable x8", lanes_run(8, size, pageable_body, d.current))
 
-    for lanes in args.lanes:
-        files = [FillFile("w", str(args.file), 0, size, target)]
-        t0 = time.perf_counter()
-        fill(server, files, lanes=lanes)
-        record(f"staged (loader) x{lanes}", time.perf_counter() - t0)
+    for streams in args.copy_streams:
+        loader = server if streams == 0 else CudaServer(0, copy_streams=streams)
+        warm = [loader.lane(CHUNK) for _ in range(max(args.lanes, default=0))]
+        for lane in warm:  # pinned buffers allocated before the clock, as in a running service
+            lane.close()
+        for lanes in args.lanes:
+            files = [FillFile("w", str(args.file), 0, size, target)]
+            t0 = time.perf_counter()
+            fill(loader, files, lanes=lanes)
+            record(f"staged (loader) x{lanes}" + (f" {streams} stream(s)" if streams else ""),
+                   time.perf_counter() - t0)  # fmt: skip
+        if loader is not server:
+            loader.close()
+    if args.only is not None:
+        args.lanes = []
 
     def staged_nohash(lanes: int) -> float:
         state: dict[int, tuple[ctypes.c_void_p, list[int], list[memoryview]]] = {}
@@ -194,7 +242,7 @@ def main() -> int:
         return lanes_run(lanes, size, body, setup)
 
     try:
-        for lanes in args.lanes:
+        for lanes in args.lanes if args.only is None else []:
             record(f"registered x{lanes}", registered(lanes, False))
             record(f"registered+hash x{lanes}", registered(lanes, True))
     except Exception as exc:  # noqa: BLE001 - the driver may refuse page-cache pages
@@ -203,7 +251,7 @@ def main() -> int:
     def hash_only(off: int, n: int) -> None:
         hasher(base + off, n)
 
-    if hasher:
+    if hasher and args.only is None:
         record("hash only x8", lanes_run(8, size, hash_only, lambda: None))
 
     def register_only(off: int, n: int) -> None:
@@ -211,7 +259,8 @@ def main() -> int:
         drv.call("cuMemHostUnregister", base + off)
 
     try:
-        record("register+unregister x8", lanes_run(8, size, register_only, d.current))
+        if args.only is None:
+            record("register+unregister x8", lanes_run(8, size, register_only, d.current))
     except Exception as exc:  # noqa: BLE001
         print(f"register: {str(exc).splitlines()[0][:160]}", flush=True)
 

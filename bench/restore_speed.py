@@ -37,11 +37,12 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from _support import Tree, start_tree  # noqa: E402
 from coldstart import first_token, free_port, http_client, serve_cmd  # noqa: E402
+from naive import bare_restore  # noqa: E402
 
 from warmstart import protocol  # noqa: E402
-from warmstart.host.criu import LOG_LEVEL_ENV, DumpOptions, find_criu  # noqa: E402
+from warmstart.host.criu import LOG_LEVEL_ENV  # noqa: E402
 from warmstart.host import pageserver  # noqa: E402
-from warmstart.host.process import kill_tree, wait_exits  # noqa: E402
+from warmstart.host.process import kill_tree  # noqa: E402
 from warmstart.snapshot.checkpoint import CheckpointOptions, checkpoint  # noqa: E402
 from warmstart.snapshot.manifest import IMAGES_DIR  # noqa: E402
 from warmstart.snapshot.restore import RestoreRequest, restore  # noqa: E402
@@ -54,31 +55,6 @@ ONE_TOKEN = {"prompt": "The capital of France is", "max_tokens": 1, "temperature
 def drop_caches() -> None:
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def naive(store: LocalStore, name: str, gpu: bool, images: Path | None = None) -> tuple[float, int]:
-    manifest = store.manifest(name)
-    images = images or store.path_of(name) / IMAGES_DIR
-    criu = find_criu()
-    pidfile = Path(tempfile.mktemp(prefix="naive-", suffix=".pid"))
-    args = DumpOptions.from_record(manifest.criu_options).shared_args()
-    wait_exits(p.pid for p in manifest.tree.processes)  # the checkpoint does not wait for its kill
-    t0 = time.perf_counter()
-    subprocess.run(
-        [str(criu.path), "restore", "-D", str(images), "-d", "--pidfile", str(pidfile), *args,
-         "-o", str(pidfile.with_suffix(".log"))],
-        check=True,
-    )  # fmt: skip
-    pid = int(pidfile.read_text())
-    if gpu:
-        from warmstart.gpu.driver import load_driver
-
-        drv = load_driver()
-        for g in manifest.gpus:
-            drv.restore(g.pid)
-        for g in manifest.gpus:
-            drv.unlock(g.pid)
-    return time.perf_counter() - t0, pid
 
 
 def ours(
@@ -183,7 +159,7 @@ def main() -> None:
                     if who in ("naive", "naive-dense"):
                         if compressed:
                             continue  # bare CRIU cannot read compressed images
-                        took, pid = naive(store, name, gpu, dense if who == "naive-dense" else None)
+                        took, pid = bare_restore(store, name, gpu, dense if who == "naive-dense" else None)
                     else:
                         port = free_port() if control else None
                         took, pid, ph, ttft = ours(store, name, control, port, not args.criu_pages, who)

@@ -58,6 +58,40 @@ def test_server_creates_exportable_memory_and_fills_through_a_temporary_mapping(
     assert lib.host_buffers == {} and lib.streams == set()  # pinned buffers and streams freed
 
 
+def test_lanes_can_share_copy_streams_and_wait_on_their_own_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lib, drv = make()
+    srv = CudaServer(0, drv, copy_streams=2)
+    size = 4 * GRAN
+    handle = srv.create(size)
+    data = os.urandom(7 * GRAN // 2)
+    f = tmp_path / "w.bin"
+    f.write_bytes(data)
+    target = srv.open_fill(handle, size)
+    monkeypatch.setattr("warmstart.gms.loader.DIGEST_CHUNK", GRAN // 2)  # seven chunks, four lanes
+    result = fill(srv, [FillFile("w.bin", str(f), 0, len(data), target)], lanes=4)
+    srv.close_fill(target, size)
+    assert bytes(lib.memory[handle][: len(data)]) == data
+    assert result.nbytes == len(data)
+    assert len(lib.streams) == 2 and len(lib.events) == 4  # four lanes on two streams
+    copies = [a for c, a in lib.calls if c == "cuMemcpyHtoDAsync_v2"]
+    records = [c for c, _ in lib.calls if c == "cuEventRecord"]
+    assert len(records) == len(copies) == 7  # one event per copy, no stream-wide waits
+    assert not any(c == "cuStreamSynchronize" for c, _ in lib.calls)
+    recorded_on = {s for s in lib.events.values() if s is not None}  # a lane may have got no chunk
+    assert recorded_on and recorded_on <= lib.streams
+    srv.release(handle)
+    srv.close()
+    assert lib.streams == set() and lib.events == {} and lib.host_buffers == {}
+
+
+def test_copy_streams_must_not_be_negative() -> None:
+    _, drv = make()
+    with pytest.raises(ValueError, match="copy_streams"):
+        CudaServer(0, drv, copy_streams=-1)
+
+
 def test_export_fails_without_the_fd_handle_type() -> None:
     lib, drv = make()
     srv = CudaServer(0, drv)

@@ -173,3 +173,16 @@ def test_restore_bench_runs_on_cpu(tmp_path):
     for key in ("gms_resident_first_token_s", "gms_streamed_first_token_s", "naive_first_token_s",
                 "cold_first_token_s", "snapshot_gb_gms", "snapshot_gb_inprocess", "stream_gb_s"):
         assert s[key] > 0, key
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--copy-streams", "-1"), ("--copy-streams", "65"), ("--lanes", "0")])
+def test_serve_refuses_out_of_range_tuning_in_one_line(tmp_path: Path, flag: str, value: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "warmstart", "gms", "serve", "--gpu", "0", "--socket", str(tmp_path / "s"),
+         flag, value],
+        env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert len(lines) == 1 and f"{flag} {value} is out of range" in lines[0], proc.stderr
+    assert not (tmp_path / "s").exists()

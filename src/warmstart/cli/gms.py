@@ -44,6 +44,10 @@ def serve(
     lanes: Annotated[
         Optional[int], typer.Option("--lanes", help="Parallel read/copy lanes (default: CPUs, 2-8).")
     ] = None,
+    copy_streams: Annotated[
+        int,
+        typer.Option("--copy-streams", help="Copy streams shared by the lanes (0: one per lane)."),
+    ] = 0,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run the memory service for one GPU until SIGINT/SIGTERM."""
@@ -56,6 +60,8 @@ def serve(
         raise UsageError(f"--gpu {gpu} is not a device ordinal")
     if lanes is not None and not 1 <= lanes <= 64:
         raise UsageError(f"--lanes {lanes} is out of range", hint="use 1-64")
+    if not 0 <= copy_streams <= 64:
+        raise UsageError(f"--copy-streams {copy_streams} is out of range", hint="use 0 (one per lane) to 64")
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     backend: ServerBackend
@@ -64,7 +70,7 @@ def serve(
     else:
         from warmstart.gms.cuda import CudaServer
 
-        backend = CudaServer(gpu or 0)
+        backend = CudaServer(gpu or 0, copy_streams=copy_streams)
     server = GmsServer(_socket(socket, gpu, memfd), backend, lanes=lanes)
     server.bind()
     stop = threading.Event()

@@ -5,8 +5,9 @@ CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR`` (without it the export fails),
 ``cuMemExportToShareableHandle`` writing an ``int`` fd. The service maps an
 allocation only while it fills it: a temporary ``cuMemAddressReserve`` +
 ``cuMemMap`` + ``cuMemSetAccess`` (read-write), copies from pinned staging
-buffers (``cuMemHostAlloc``) on several streams (``cuMemcpyHtoDAsync_v2``),
-then ``cuMemUnmap`` and ``cuMemAddressFree``. It uses the device's primary
+buffers (``cuMemHostAlloc``) with ``cuMemcpyHtoDAsync_v2``, each lane on a
+stream of its own or, with ``copy_streams``, all lanes on a few shared
+streams (a lane then waits on an event of its own last copy), then ``cuMemUnmap`` and ``cuMemAddressFree``. It uses the device's primary
 context, retained on first use (allocation and filling need a context; the
 service runs no kernels).
 
@@ -42,6 +43,7 @@ from warmstart.gpu.vmm import (
 
 CU_MEM_ACCESS_FLAGS_PROT_READ = 1
 CU_STREAM_NON_BLOCKING = 1
+CU_EVENT_DISABLE_TIMING = 2
 POSIX_FD = int(HandleType.POSIX_FILE_DESCRIPTOR)
 
 __all__ = ["CudaClient", "CudaServer", "round_up"]
@@ -101,10 +103,17 @@ class CudaServer(ServerBackend):
     #: idle lanes kept for the next fill (pinned buffers take a while to allocate)
     MAX_POOLED_LANES = 16
 
-    def __init__(self, device: int = 0, driver: CudaDriver | None = None) -> None:
+    def __init__(self, device: int = 0, driver: CudaDriver | None = None, *, copy_streams: int = 0) -> None:
+        """``copy_streams``: 0 gives every lane a copy stream of its own; N > 0 shares
+        N streams among all lanes, so copies queue on at most N copy engines."""
+        if copy_streams < 0:
+            raise ValueError(f"copy_streams must be >= 0, not {copy_streams}")
         self._d = _Device(device, driver)
         self.device = device
         self.granularity = self._d.granularity
+        self.copy_streams = copy_streams
+        self._shared: list[ctypes.c_void_p] = []
+        self._next_shared = 0
         self._pool: list[_CudaLane] = []
         self._pool_lock = threading.Lock()
 
@@ -157,7 +166,22 @@ class CudaServer(ServerBackend):
                     del self._pool[i]
                     self._d.current()  # this thread's driver calls need the context too
                     return lane
-        return _CudaLane(self._d, chunk, self._give_back)
+            stream = self._shared_stream()
+        return _CudaLane(self._d, chunk, self._give_back, stream)
+
+    def _shared_stream(self) -> ctypes.c_void_p | None:
+        """The next of the shared copy streams, round robin (made on first use); None
+        when every lane has a stream of its own. Called under the pool lock."""
+        if not self.copy_streams:
+            return None
+        if len(self._shared) < self.copy_streams:
+            self._d.current()
+            stream = ctypes.c_void_p()
+            self._d.drv.call("cuStreamCreate", ctypes.pointer(stream), CU_STREAM_NON_BLOCKING)
+            self._shared.append(stream)
+            return stream
+        self._next_shared = (self._next_shared + 1) % len(self._shared)
+        return self._shared[self._next_shared]
 
     def _give_back(self, lane: _CudaLane) -> bool:
         with self._pool_lock:
@@ -188,21 +212,34 @@ class CudaServer(ServerBackend):
             pool, self._pool = self._pool, []
         for lane in pool:
             lane.destroy()
+        if self._shared:
+            self._d.current()
+        for stream in self._shared:
+            self._d.drv.call("cuStreamDestroy_v2", stream)
+        self._shared = []
         self._d.close()
 
 
 class _CudaLane(Lane):
-    def __init__(self, d: _Device, chunk: int, give_back: Any = None) -> None:
+    """Two pinned staging buffers and the stream their copies go on: the lane's own,
+    or one shared with other lanes (then an event marks the lane's last copy)."""
+
+    def __init__(self, d: _Device, chunk: int, give_back: Any = None, shared: ctypes.c_void_p | None = None) -> None:
         self._d = d
         self.chunk = chunk
         self._give_back = give_back
         d.current()
         self._ptrs: list[int] = []
         self.buffers = []
-        stream = ctypes.c_void_p()
-        d.drv.call("cuStreamCreate", ctypes.pointer(stream), CU_STREAM_NON_BLOCKING)
-        self._stream = stream
+        self._own_stream = shared is None
+        self._stream = ctypes.c_void_p()
+        self._event = ctypes.c_void_p()
         try:
+            if shared is None:
+                d.drv.call("cuStreamCreate", ctypes.pointer(self._stream), CU_STREAM_NON_BLOCKING)
+            else:
+                self._stream = shared
+                d.drv.call("cuEventCreate", ctypes.pointer(self._event), CU_EVENT_DISABLE_TIMING)
             for _ in range(2):
                 p = ctypes.c_void_p()
                 d.drv.call("cuMemHostAlloc", ctypes.pointer(p), chunk, 0)
@@ -219,15 +256,21 @@ class _CudaLane(Lane):
     def submit(self, index: int, nbytes: int, target: int, offset: int) -> None:
         self._d.drv.call("cuMemcpyHtoDAsync_v2", target + offset, self._ptrs[index], nbytes,
                          self._stream)  # fmt: skip
+        if self._event.value:
+            self._d.drv.call("cuEventRecord", self._event, self._stream)
 
     def sync(self) -> None:
-        self._d.drv.call("cuStreamSynchronize", self._stream)
+        """Wait for this lane's copies (on a shared stream: up to its last one)."""
+        if self._event.value:  # an event never recorded is complete
+            self._d.drv.call("cuEventSynchronize", self._event)
+        else:
+            self._d.drv.call("cuStreamSynchronize", self._stream)
 
     def close(self) -> None:
         """Back to the backend's pool once its copies are done (or freed)."""
         self._d.current()
         if self._stream.value:
-            self._d.drv.call("cuStreamSynchronize", self._stream)
+            self.sync()
         if self._give_back is not None and self._stream.value and self._give_back(self):
             return
         self.destroy()
@@ -240,9 +283,12 @@ class _CudaLane(Lane):
         for p in self._ptrs:
             self._d.drv.call("cuMemFreeHost", p)
         self._ptrs = []
-        if self._stream.value:
+        if self._event.value:
+            self._d.drv.call("cuEventDestroy_v2", self._event)
+            self._event = ctypes.c_void_p()
+        if self._stream.value and self._own_stream:
             self._d.drv.call("cuStreamDestroy_v2", self._stream)
-            self._stream = ctypes.c_void_p()
+        self._stream = ctypes.c_void_p()
 
 
 class CudaClient(ClientBackend):

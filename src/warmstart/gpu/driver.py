@@ -188,6 +188,10 @@ SIGNATURES: dict[str, list[Any]] = {
     "cuStreamCreate": [_P(ctypes.c_void_p), ctypes.c_uint],
     "cuStreamSynchronize": [ctypes.c_void_p],
     "cuStreamDestroy_v2": [ctypes.c_void_p],
+    "cuEventCreate": [_P(ctypes.c_void_p), ctypes.c_uint],
+    "cuEventRecord": [ctypes.c_void_p, ctypes.c_void_p],
+    "cuEventSynchronize": [ctypes.c_void_p],
+    "cuEventDestroy_v2": [ctypes.c_void_p],
     # plain allocations and copies (used by warmstart.gpu.bandwidth)
     "cuMemAlloc_v2": [_P(ctypes.c_uint64), ctypes.c_size_t],
     "cuMemFree_v2": [ctypes.c_uint64],

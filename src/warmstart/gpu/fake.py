@@ -107,6 +107,8 @@ class FakeCudaLib:
         self.imported: dict[int, int] = {}  # imported handle -> exported one
         self.host_buffers: dict[int, Any] = {}
         self.streams: set[int] = set()
+        self.events: dict[int, int | None] = {}  # event -> the stream it was last recorded on
+        self._handles = 0x5000
 
     # -- fault injection
 
@@ -409,13 +411,40 @@ class FakeCudaLib:
         return SUCCESS if self.host_buffers.pop(ptr, None) is not None else INVALID_VALUE
 
     def cuStreamCreate(self, out: Any, flags: int) -> int:
-        handle = 0x5000 + len(self.streams) + 1
-        self.streams.add(handle)
-        out[0] = handle
+        self._handles += 1
+        self.streams.add(self._handles)
+        out[0] = self._handles
+        return SUCCESS
+
+    def cuEventCreate(self, out: Any, flags: int) -> int:
+        self._handles += 1
+        self.events[self._handles] = None
+        out[0] = self._handles
+        return SUCCESS
+
+    def cuEventRecord(self, event: Any, stream: Any) -> int:
+        e, s = (x.value if isinstance(x, ctypes.c_void_p) else x for x in (event, stream))
+        self.calls.append(("cuEventRecord", None))
+        if e not in self.events or s not in self.streams:
+            return INVALID_VALUE
+        self.events[e] = s
+        return SUCCESS
+
+    def cuEventSynchronize(self, event: Any) -> int:
+        e = event.value if isinstance(event, ctypes.c_void_p) else event
+        self.calls.append(("cuEventSynchronize", None))
+        return SUCCESS if e in self.events else INVALID_VALUE
+
+    def cuEventDestroy_v2(self, event: Any) -> int:
+        e = event.value if isinstance(event, ctypes.c_void_p) else event
+        if e not in self.events:
+            return INVALID_VALUE
+        del self.events[e]
         return SUCCESS
 
     def cuStreamSynchronize(self, stream: Any) -> int:
         s = stream.value if isinstance(stream, ctypes.c_void_p) else stream
+        self.calls.append(("cuStreamSynchronize", None))
         return SUCCESS if s in self.streams else INVALID_VALUE
 
     def cuStreamDestroy_v2(self, stream: Any) -> int:
