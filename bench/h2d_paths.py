@@ -17,7 +17,8 @@ same run:
 * ``registered``: no staging copy: each 64 MiB chunk of the file's mapping is
   pinned where it lies (``cuMemHostRegister``, read-only), copied, and
   unpinned, on 4, 8 and 16 lanes, with and without the hash (read from the
-  same mapping).
+  same mapping); ``registered rw``: the same from a writable shared mapping
+  (what the kernel allows for files in tmpfs).
 
     python bench/h2d_paths.py --gib 8 [--json OUT]
 """
@@ -221,7 +222,7 @@ def main() -> int:
     for lanes in args.lanes:
         record(f"staged-nohash x{lanes}", staged_nohash(lanes))
 
-    def registered(lanes: int, hashed: bool) -> float:
+    def registered(lanes: int, hashed: bool, base: int = base, flags: int = CU_MEMHOSTREGISTER_READ_ONLY) -> float:
         streams: dict[int, ctypes.c_void_p] = {}
 
         def setup() -> None:
@@ -232,7 +233,7 @@ def main() -> int:
 
         def body(off: int, n: int) -> None:
             s = streams[threading.get_ident()]
-            drv.call("cuMemHostRegister_v2", base + off, n, CU_MEMHOSTREGISTER_READ_ONLY)
+            drv.call("cuMemHostRegister_v2", base + off, n, flags)
             drv.call("cuMemcpyHtoDAsync_v2", target + off, base + off, n, s)
             if hashed and hasher:
                 hasher(base + off, n)
@@ -247,6 +248,20 @@ def main() -> int:
             record(f"registered+hash x{lanes}", registered(lanes, True))
     except Exception as exc:  # noqa: BLE001 - the driver may refuse page-cache pages
         print(f"registered: {str(exc).splitlines()[0][:160]}", flush=True)
+
+    # A writable shared mapping pinned in place: the kernel lets the driver pin shmem
+    # (tmpfs, /dev/shm) pages for good, not those of a disk file system.
+    rw_fd = os.open(args.file, os.O_RDWR)
+    base_rw = int(libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, rw_fd, 0))
+    try:
+        for lanes in args.lanes if args.only is None else []:
+            record(f"registered rw x{lanes}", registered(lanes, False, base_rw, 0))
+            record(f"registered rw+hash x{lanes}", registered(lanes, True, base_rw, 0))
+    except Exception as exc:  # noqa: BLE001
+        print(f"registered rw: {str(exc).splitlines()[0][:160]}", flush=True)
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.munmap(base_rw, size)
+    os.close(rw_fd)
 
     def hash_only(off: int, n: int) -> None:
         hasher(base + off, n)

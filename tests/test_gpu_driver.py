@@ -115,6 +115,14 @@ def test_error_carries_name_string_call_and_pid() -> None:
     assert err.hint and "UVM" in err.hint
 
 
+def test_checkpoint_hints_stay_on_checkpoint_calls() -> None:
+    drv, lib = _driver()
+    lib.fail("cuMemHostAlloc", code=801)
+    with pytest.raises(CudaCallError) as info:
+        drv.call("cuMemHostAlloc", ctypes.pointer(ctypes.c_void_p()), 4096, 0)
+    assert info.value.name == "CUDA_ERROR_NOT_SUPPORTED" and info.value.hint is None
+
+
 def test_unknown_code_falls_back_to_builtin_names() -> None:
     drv, lib = _driver()
     lib.fail("cuCheckpointProcessLock", 10, code=304)  # fake has no name for it

@@ -263,7 +263,8 @@ class CudaCallError(GpuError):
     ) -> None:
         target = f" on pid {pid}" if pid is not None else ""
         super().__init__(
-            f"{call}{target} failed: {name} ({description})", hint=_HINTS.get(name)
+            f"{call}{target} failed: {name} ({description})",
+            hint=_HINTS.get(name) if call.startswith("cuCheckpoint") else None,  # hints about checkpoints
         )
         self.call = call
         self.code = code
