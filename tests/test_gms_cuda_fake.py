@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from _support import wait_for
 
 from warmstart.errors import GpuError
 from warmstart.gms.cuda import CudaClient, CudaServer
@@ -165,24 +166,12 @@ def test_service_evicts_idle_entries_when_memory_runs_out(tmp_path: Path) -> Non
     from warmstart.gms.client import GmsWeights, status
     from warmstart.gms.server import GmsServer
 
-    # The fake's exported "fds" are numbers, not descriptors: carry each through the
-    # socket inside a memfd named after it, so the service and worker code run unchanged.
-    class Server(CudaServer):
-        def export(self, handle: int) -> int:
-            return os.memfd_create(f"fake-{super().export(handle)}")
-
-    class Client(CudaClient):
-        def import_fd(self, fd: int) -> int:
-            return super().import_fd(int(os.readlink(f"/proc/self/fd/{fd}").split("fake-")[1].split()[0]))
-
-        def tensor(self, address: int, spec: TensorSpec) -> object:
-            return address  # no torch CUDA here: the address stands for the tensor
-
     lib, drv = make()
+    server, Client = _fake_fd_backends(drv)
     for name in ("m1", "m2"):
         (tmp_path / name).mkdir()
         st.save_file({"w": torch.zeros(8)}, str(tmp_path / name / "a.safetensors"))
-    srv = GmsServer(tmp_path / "s.sock", Server(0, drv), lanes=1)
+    srv = GmsServer(tmp_path / "s.sock", server, lanes=1)
     srv.start()
     try:
         w = GmsWeights(srv.socket_path, tmp_path / "m1", backend=Client(0, drv))
@@ -219,3 +208,164 @@ def test_failed_pinned_allocation_leaks_no_lane(tmp_path: Path) -> None:
     assert result.digests["w.bin"] == digest_file(f) and bytes(lib.memory[handle][:5000]) == b"y" * 5000
     srv.release(handle)
     srv.close()
+
+
+def test_park_and_unpark_move_bytes_through_pinned_host_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    lib, drv = make()
+    srv = CudaServer(0, drv)
+    size = 4 * GRAN
+    handle = srv.create(size)
+    data = os.urandom(3 * GRAN + 12345)
+    lib.memory[handle][: len(data)] = data
+
+    host = srv.park(handle, size, len(data))
+    assert host.nbytes == len(data) and set(lib.host_buffers) == {host.address}  # one pinned buffer
+    assert ctypes.string_at(host.address, len(data)) == data
+    assert lib.mappings == {} and lib.reservations == {}  # the temporary mapping is gone
+    srv.release(handle)
+    assert lib.allocations == {}
+
+    again = srv.create(size)
+    assert not any(lib.memory[again])
+    monkeypatch.setattr(CudaServer, "HOST_COPY_PIECE", GRAN)  # four pieces
+    calls = len(lib.calls)
+    srv.unpark(host, again, size)
+    assert bytes(lib.memory[again][: len(data)]) == data and not any(lib.memory[again][len(data) :])
+    assert [n for _, n, _ in lib.h2d_copies] == [GRAN, GRAN, GRAN, 12345]
+    assert len({s for _, _, s in lib.h2d_copies}) == 1  # queued back to back on one stream
+    assert [c for c, _ in lib.calls[calls:]].count("cuStreamSynchronize") == 1  # and waited for once
+    assert lib.streams == set() and lib.mappings == {} and lib.reservations == {}
+    srv.free_host(host)
+    srv.free_host(host)  # a second free does nothing
+    assert lib.host_buffers == {} and host.address == 0
+    srv.release(again)
+    srv.close()
+    assert lib.ctx_refs == 0
+
+
+def test_failed_park_frees_its_pinned_buffer_and_close_frees_the_rest() -> None:
+    lib, drv = make()
+    srv = CudaServer(0, drv)
+    handle = srv.create(GRAN)
+    lib.fail("cuMemcpyDtoH_v2", code=OUT_OF_MEMORY)
+    with pytest.raises(CudaCallError, match="cuMemcpyDtoH_v2"):
+        srv.park(handle, GRAN, 1000)
+    assert lib.host_buffers == {} and lib.mappings == {} and lib.reservations == {}
+    lib.fail("cuMemHostAlloc", code=OUT_OF_MEMORY)
+    with pytest.raises(CudaCallError, match="cuMemHostAlloc"):
+        srv.park(handle, GRAN, 1000)
+    assert lib.host_buffers == {} and lib.reservations == {}
+    srv.release(handle)
+    srv.close()
+
+
+def _fake_fd_backends(drv: CudaDriver) -> tuple[CudaServer, type[CudaClient]]:
+    """The fake's exported "fds" are numbers, not descriptors: carry each through the
+    socket inside a memfd named after it, so the service and worker code run unchanged."""
+
+    class Server(CudaServer):
+        def export(self, handle: int) -> int:
+            return os.memfd_create(f"fake-{super().export(handle)}")
+
+    class Client(CudaClient):
+        def import_fd(self, fd: int) -> int:
+            return super().import_fd(int(os.readlink(f"/proc/self/fd/{fd}").split("fake-")[1].split()[0]))
+
+        def tensor(self, address: int, spec: TensorSpec) -> object:
+            return address  # no torch CUDA here: the address stands for the tensor
+
+    return Server(0, drv), Client
+
+
+def test_service_parks_on_pinned_memory_and_copies_back_on_attach(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    st = pytest.importorskip("safetensors.torch")
+    from warmstart.gms.client import GmsWeights, evict, status
+    from warmstart.gms.server import GmsServer
+
+    lib, drv = make()
+    (tmp_path / "m").mkdir()
+    weights = torch.arange(3000, dtype=torch.float32)
+    st.save_file({"w": weights}, str(tmp_path / "m" / "a.safetensors"))
+    server, Client = _fake_fd_backends(drv)
+    srv = GmsServer(tmp_path / "s.sock", server, lanes=1)
+    srv.start()
+    try:
+        w = GmsWeights(srv.socket_path, tmp_path / "m", backend=Client(0, drv))
+        w.attach()
+        w.wait()
+        good = w.layout_hash
+        w.detach()
+        wait_for(lambda: status(srv.socket_path).entries[0].readers == 0)
+        assert len(lib.allocations) == 1 and (handle := next(iter(lib.allocations)))
+        assert bytes(lib.memory[handle][: weights.numel() * 4]) == weights.numpy().tobytes()
+        pooled = set(lib.host_buffers)  # the loader's staging buffers, kept for the next fill
+
+        (entry,) = status(srv.socket_path).entries
+        assert evict(srv.socket_path, keep_host=True) == [entry.entry_id]
+        (parked,) = status(srv.socket_path).entries
+        assert parked.state == "parked" and parked.host_bytes == weights.numel() * 4
+        assert lib.allocations == {}  # no device memory held
+        (pinned,) = set(lib.host_buffers) - pooled
+        assert ctypes.string_at(pinned, parked.host_bytes) == weights.numpy().tobytes()
+
+        w.attach()  # re-attach with the expected hash: copied back from the pinned buffer
+        w.wait()
+        assert w.layout_hash == good
+        local = lib.mappings[w._maps[0].address]  # the worker's import of the new allocation
+        assert lib.imported[local] in lib.allocations and lib.imported[local] != handle
+        assert bytes(lib.memory[local][: parked.host_bytes]) == weights.numpy().tobytes()
+        wait_for(lambda: set(lib.host_buffers) == pooled)  # the pinned copy is freed
+        assert status(srv.socket_path).entries[0].state == "ready"
+        w.close()
+        wait_for(lambda: status(srv.socket_path).entries[0].readers == 0)
+        assert evict(srv.socket_path, keep_host=True) == [entry.entry_id]
+    finally:
+        srv.close()
+    assert lib.allocations == {} and lib.host_buffers == {}  # close frees the parked copy too
+
+
+def test_out_of_memory_eviction_passes_parked_entries_by(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    st = pytest.importorskip("safetensors.torch")
+    from warmstart.gms.client import GmsError, GmsWeights, evict, status
+    from warmstart.gms.server import GmsServer
+
+    lib, drv = make()
+    server, Client = _fake_fd_backends(drv)
+    for i, name in enumerate(("m1", "m2", "m3")):
+        (tmp_path / name).mkdir()
+        st.save_file({"w": torch.full((8,), float(i))}, str(tmp_path / name / "a.safetensors"))
+    srv = GmsServer(tmp_path / "s.sock", server, lanes=1)
+    srv.start()
+    try:
+        ids = {}
+        for name in ("m1", "m2"):
+            w = GmsWeights(srv.socket_path, tmp_path / name, backend=Client(0, drv))
+            w.attach()
+            w.wait()
+            w.close()
+            ids[name] = w.entry_id
+        wait_for(lambda: all(e.readers == 0 for e in status(srv.socket_path).entries))
+        assert evict(srv.socket_path, ids["m1"], keep_host=True) == [ids["m1"]]
+        lib.fail("cuMemCreate", code=OUT_OF_MEMORY)  # the GPU is full once
+        w3 = GmsWeights(srv.socket_path, tmp_path / "m3", backend=Client(0, drv))
+        w3.attach()
+        w3.wait()
+        states = {e.entry_id: e.state for e in status(srv.socket_path).entries}
+        assert states == {ids["m1"]: "parked", w3.entry_id: "ready"}  # m2 (on the device) made room
+        w3.close()
+        wait_for(lambda: all(e.readers == 0 for e in status(srv.socket_path).entries))
+        assert evict(srv.socket_path, w3.entry_id) == [w3.entry_id]
+        lib.fail("cuMemCreate", code=OUT_OF_MEMORY)  # full again, and only a parked entry to evict
+        w1 = GmsWeights(srv.socket_path, tmp_path / "m1", backend=Client(0, drv))
+        with pytest.raises(GmsError, match="OUT_OF_MEMORY"):
+            w1.attach()
+        assert [(e.entry_id, e.state) for e in status(srv.socket_path).entries] == [(ids["m1"], "parked")]
+        w1.attach()  # the next try copies it back
+        w1.wait()
+        assert status(srv.socket_path).entries[0].state == "ready"
+        w1.close()
+    finally:
+        srv.close()
+    assert lib.allocations == {} and lib.host_buffers == {}

@@ -175,7 +175,11 @@ def test_restore_bench_runs_on_cpu(tmp_path):
         assert s[key] > 0, key
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--copy-streams", "-1"), ("--copy-streams", "65"), ("--lanes", "0")])
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--copy-streams", "-1"), ("--copy-streams", "65"), ("--lanes", "0"), ("--host-cache-gib", "-1"),
+     ("--host-cache-gib", "nan")],
+)  # fmt: skip
 def test_serve_refuses_out_of_range_tuning_in_one_line(tmp_path: Path, flag: str, value: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "warmstart", "gms", "serve", "--gpu", "0", "--socket", str(tmp_path / "s"),

@@ -6,6 +6,7 @@ allocate / export fd / import / map lifecycle as CUDA VMM)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import subprocess
@@ -506,3 +507,192 @@ def test_gms_cli_status_evict_and_errors(server: GmsServer, model_dir: Path, tmp
     ]:
         out = _cli(*args)
         assert out.returncode != 0 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+
+
+# ----------------------------------------------------------------------------- host tier (parked entries)
+
+
+def _memfds() -> int:
+    """Descriptors of this process on the service's memfd allocations (the service runs in-process)."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:warmstart-gms")
+        except OSError:
+            pass
+    return n
+
+
+def _entry(srv: GmsServer):
+    (entry,) = srv._entries.values()
+    return entry
+
+
+def test_parked_entry_releases_its_memory_and_comes_back_identical(server: GmsServer, model_dir: Path) -> None:
+    w = GmsWeights(server.socket_path, model_dir)
+    w.attach()
+    w.wait()
+    good, digests = w.layout_hash, dict(w.digests)
+    w.detach()
+    wait_for(lambda: status(server.socket_path).entries[0].readers == 0, what="detached")
+    assert _memfds() == 2 * len(w.layout.files)  # an allocation and its exported fd per file
+
+    (before,) = status(server.socket_path).entries
+    assert evict(server.socket_path, keep_host=True) == [before.entry_id]
+    (parked,) = status(server.socket_path).entries
+    assert parked.state == "parked" and parked.host_bytes == w.layout.total_bytes == parked.bytes
+    assert parked.layout_hash == good and parked.entry_id == before.entry_id
+    e = _entry(server)
+    assert e.handles == [] and e.fds == [] and _memfds() == 0  # the memfd allocations are gone
+    assert [h.nbytes for h in e.host] == [f.data_size for f in w.layout.files]
+    assert evict(server.socket_path, keep_host=True) == []  # parked already: stays as it is
+
+    w.attach()  # the re-attach (expected layout hash) copies the bytes back
+    w.wait()
+    assert w.layout_hash == good and w.digests == digests
+    (back,) = status(server.socket_path).entries
+    assert back.state == "ready" and back.entry_id == before.entry_id and back.layout_hash == good
+    assert back.readers == 1 and back.fill_seconds is not None and back.fill_seconds > 0
+    wait_for(lambda: status(server.socket_path).entries[0].host_bytes == 0, what="host copies freed")
+    assert _entry(server).host == [] and _memfds() == 3 * len(w.layout.files)  # + the worker's imports
+    for name, t in reference(model_dir).items():
+        assert torch.equal(w.tensors[name], t), name
+    for f, m in zip(w.layout.files, w._maps):  # the mapped bytes are the files' data, byte for byte
+        mapped = bytes((ctypes.c_char * f.data_size).from_address(m.address))
+        with open(model_dir / f.name, "rb") as fh:
+            fh.seek(f.data_offset)
+            assert mapped == fh.read(f.data_size), f.name
+    assert evict(server.socket_path, keep_host=True) == []  # a reader: not parked
+    assert status(server.socket_path).entries[0].state == "ready"
+    w.close()
+
+
+def test_new_worker_unparks_by_files_and_evict_drops_a_parked_entry(server: GmsServer, model_dir: Path) -> None:
+    w = GmsWeights(server.socket_path, model_dir)
+    w.attach()
+    w.wait()
+    good = w.layout_hash
+    w.close()
+    wait_for(lambda: status(server.socket_path).entries[0].readers == 0, what="detached")
+    assert evict(server.socket_path, keep_host=True) == [status(server.socket_path).entries[0].entry_id]
+
+    fresh = GmsWeights(server.socket_path, model_dir)  # no expected hash: found by the files' key
+    fresh.attach()
+    assert not fresh.ready  # copied back like a load: Progress, then Ready
+    fresh.wait()
+    assert fresh.layout_hash == good and torch.equal(fresh.tensors["d.weight"], torch.ones(5, 5))
+    fresh.close()
+    wait_for(lambda: status(server.socket_path).entries[0].readers == 0, what="detached")
+
+    (entry,) = status(server.socket_path).entries
+    assert evict(server.socket_path, keep_host=True) == [entry.entry_id]
+    assert status(server.socket_path).entries[0].state == "parked"
+    assert evict(server.socket_path) == [entry.entry_id]  # without keep_host: dropped with its host copy
+    assert status(server.socket_path).entries == [] and server._entries == {}
+
+
+def test_failed_parking_releases_the_entry(server: GmsServer, model_dir: Path, monkeypatch) -> None:
+    w = GmsWeights(server.socket_path, model_dir)
+    w.attach()
+    w.wait()
+    w.close()
+    wait_for(lambda: status(server.socket_path).entries[0].readers == 0, what="detached")
+    freed: list[int] = []
+    real_park, real_free = server.backend.park, server.backend.free_host
+    calls = iter([real_park, None])
+
+    def park(handle: int, size: int, nbytes: int):
+        fn = next(calls)
+        if fn is None:
+            raise MemoryError("no host memory left")
+        return fn(handle, size, nbytes)
+
+    def free_host(host) -> None:
+        freed.append(host.nbytes)
+        real_free(host)
+
+    monkeypatch.setattr(server.backend, "park", park)
+    monkeypatch.setattr(server.backend, "free_host", free_host)
+    (entry,) = status(server.socket_path).entries
+    assert evict(server.socket_path, keep_host=True) == [entry.entry_id]  # released as without keep_host
+    assert status(server.socket_path).entries == [] and _memfds() == 0
+    assert freed == [w.layout.files[0].data_size]  # the first file's copy was freed again
+
+
+def _two_models(tmp_path: Path) -> list[Path]:
+    dirs = []
+    for i in range(2):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        safetensors_torch.save_file({"w": torch.full((64, 64), float(i))}, str(d / "a.safetensors"))
+        dirs.append(d)
+    return dirs
+
+
+def _park_each(srv: GmsServer, dirs: list[Path]) -> list[str]:
+    ids = []
+    for d in dirs:
+        w = GmsWeights(srv.socket_path, d)
+        w.attach()
+        w.wait()
+        w.close()
+        wait_for(lambda: all(e.readers == 0 for e in status(srv.socket_path).entries), what="detached")
+        ids.append(w.entry_id)
+        assert evict(srv.socket_path, w.entry_id, keep_host=True) == [w.entry_id]
+    return ids
+
+
+def test_host_cache_limit_drops_the_least_recently_used_parked_entry(tmp_path: Path) -> None:
+    dirs = _two_models(tmp_path)
+    one = 64 * 64 * 4
+    srv = GmsServer(tmp_path / "h.sock", MemfdServer(granularity=64 << 10), lanes=1, host_cache_bytes=one + 100)
+    srv.start()
+    try:
+        first, second = _park_each(srv, dirs)
+        (entry,) = status(srv.socket_path).entries  # the first one made room for the second
+        assert entry.entry_id == second and entry.state == "parked" and entry.host_bytes == one
+        w = GmsWeights(srv.socket_path, dirs[1])
+        w.attach()
+        w.wait()
+        assert torch.equal(w.tensors["w"], torch.full((64, 64), 1.0))
+        w.close()
+    finally:
+        srv.close()
+
+
+def test_entry_larger_than_the_host_cache_is_released(tmp_path: Path) -> None:
+    dirs = _two_models(tmp_path)
+    one = 64 * 64 * 4
+    srv = GmsServer(tmp_path / "h.sock", MemfdServer(granularity=64 << 10), lanes=1, host_cache_bytes=one - 1)
+    srv.start()
+    try:
+        w = GmsWeights(srv.socket_path, dirs[0])
+        w.attach()
+        w.wait()
+        w.close()
+        wait_for(lambda: status(srv.socket_path).entries[0].readers == 0, what="detached")
+        assert evict(srv.socket_path, keep_host=True) == [w.entry_id]
+        assert status(srv.socket_path).entries == [] and _memfds() == 0
+    finally:
+        srv.close()
+    with pytest.raises(ValueError, match="host_cache_bytes"):
+        GmsServer(tmp_path / "x.sock", MemfdServer(), host_cache_bytes=-1)
+
+
+def test_gms_cli_evict_keep_host_and_status_table(server: GmsServer, model_dir: Path) -> None:
+    import json
+
+    w = GmsWeights(server.socket_path, model_dir)
+    w.attach()
+    w.wait()
+    w.close()
+    wait_for(lambda: status(server.socket_path).entries[0].readers == 0, what="detached")
+    (entry,) = status(server.socket_path).entries
+    out = _cli("gms", "evict", "--socket", server.socket_path, "--keep-host", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"evicted": [entry.entry_id], "parked": [entry.entry_id]}
+    out = _cli("gms", "status", "--socket", server.socket_path)
+    assert out.returncode == 0, out.stderr
+    assert "parked" in out.stdout and "host" in out.stdout
+    data = json.loads(_cli("gms", "status", "--socket", server.socket_path, "--json").stdout)
+    assert data["entries"][0]["state"] == "parked" and data["entries"][0]["host_bytes"] == w.layout.total_bytes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 import threading
@@ -48,6 +49,15 @@ def serve(
         int,
         typer.Option("--copy-streams", help="Copy streams shared by the lanes (0: one per lane)."),
     ] = 0,
+    host_cache_gib: Annotated[
+        Optional[float],
+        typer.Option(
+            "--host-cache-gib",
+            help="Most host memory (GiB) that entries parked by `gms evict --keep-host` may hold; "
+            "the least recently used are dropped to make room (default: no limit).",
+            show_default=False,
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run the memory service for one GPU until SIGINT/SIGTERM."""
@@ -62,6 +72,9 @@ def serve(
         raise UsageError(f"--lanes {lanes} is out of range", hint="use 1-64")
     if not 0 <= copy_streams <= 64:
         raise UsageError(f"--copy-streams {copy_streams} is out of range", hint="use 0 (one per lane) to 64")
+    if host_cache_gib is not None and not (math.isfinite(host_cache_gib) and host_cache_gib >= 0):
+        raise UsageError(f"--host-cache-gib {host_cache_gib:g} is out of range",
+                         hint="use a size in GiB >= 0 (0: park nothing)")  # fmt: skip
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     backend: ServerBackend
@@ -71,7 +84,8 @@ def serve(
         from warmstart.gms.cuda import CudaServer
 
         backend = CudaServer(gpu or 0, copy_streams=copy_streams)
-    server = GmsServer(_socket(socket, gpu, memfd), backend, lanes=lanes)
+    host_cache = None if host_cache_gib is None else int(host_cache_gib * (1 << 30))
+    server = GmsServer(_socket(socket, gpu, memfd), backend, lanes=lanes, host_cache_bytes=host_cache)
     server.bind()
     stop = threading.Event()
 
@@ -88,7 +102,7 @@ def serve(
 
 @gms_app.command("status")
 def status(gpu: GpuOpt = None, socket: SocketOpt = None, json_out: JsonOpt = False) -> None:
-    """What the service holds: entries, sizes, fill rate, attached workers."""
+    """What the service holds: entries, sizes, fill rate, attached workers, parked bytes."""
     from warmstart.gms.client import status as get_status
 
     reply = get_status(_socket(socket, gpu))
@@ -97,12 +111,12 @@ def status(gpu: GpuOpt = None, socket: SocketOpt = None, json_out: JsonOpt = Fal
         return
     console.print(f"service pid {reply.pid}, {reply.backend} device {reply.device}, {reply.socket}")
     table = Table(title_justify="left")
-    for col in ("entry", "model", "files", "size", "state", "readers", "fill GB/s", "layout hash"):
+    for col in ("entry", "model", "files", "size", "state", "host", "readers", "fill GB/s", "layout hash"):
         table.add_column(col)
     for e in reply.entries:
         table.add_row(
             e.entry_id, e.model_dir or "(client-filled)", str(e.files), human_bytes(e.bytes), e.state,
-            str(e.readers) + (" +writer" if e.writer else ""),
+            human_bytes(e.host_bytes) if e.host_bytes else "", str(e.readers) + (" +writer" if e.writer else ""),
             f"{e.fill_gb_per_s:.2f}" if e.fill_gb_per_s else "", (e.layout_hash or "")[:19],
         )  # fmt: skip
     console.print(table)
@@ -113,13 +127,33 @@ def evict(
     entry: Annotated[Optional[str], typer.Argument(help="Entry id (default: every idle entry).")] = None,
     gpu: GpuOpt = None,
     socket: SocketOpt = None,
+    keep_host: Annotated[
+        bool,
+        typer.Option(
+            "--keep-host",
+            help="Keep the bytes in the service's pinned host memory, to be copied back at "
+            "host-to-device speed when a worker (or a restore) attaches again.",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Release weights no worker has mapped."""
+    """Release weights no worker has mapped (or, with --keep-host, park them in host memory)."""
     from warmstart.gms.client import evict as do_evict
+    from warmstart.gms.client import status as get_status
 
-    gone = do_evict(_socket(socket, gpu), entry)
+    path = _socket(socket, gpu)
+    # parking copies the bytes out of device memory (and pins that much host memory) before the answer
+    gone = do_evict(path, entry, timeout=600.0 if keep_host else 10.0, keep_host=keep_host)
+    parked = []
+    if keep_host and gone:
+        parked = [e.entry_id for e in get_status(path).entries if e.entry_id in gone and e.state == "parked"]
     if json_out:
-        emit_json({"evicted": gone})
+        emit_json({"evicted": gone, "parked": parked} if keep_host else {"evicted": gone})
+    elif not gone:
+        console.print("nothing to evict (entries in use stay)")
+    elif keep_host:
+        released = [g for g in gone if g not in parked]
+        console.print("; ".join(([f"parked {', '.join(parked)} in host memory"] if parked else [])
+                                + ([f"released {', '.join(released)}"] if released else [])))  # fmt: skip
     else:
-        console.print(f"evicted {', '.join(gone)}" if gone else "nothing to evict (entries in use stay)")
+        console.print(f"evicted {', '.join(gone)}")

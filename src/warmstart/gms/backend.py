@@ -2,7 +2,9 @@
 
 The service side (:class:`ServerBackend`) creates physical allocations,
 exports each as a file descriptor, gives temporary write access for filling
-and releases them; the worker side (:class:`ClientBackend`) reserves address
+and releases them, and can *park* an allocation's bytes in host memory it owns
+(:meth:`ServerBackend.park`, a :class:`HostCopy`) and copy them back into a new
+allocation later (:meth:`ServerBackend.unpark`); the worker side (:class:`ClientBackend`) reserves address
 ranges, imports descriptors, maps them into its ranges, unmaps them (keeping
 the range) and builds tensors over them.
 
@@ -25,6 +27,7 @@ import ctypes
 import mmap
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 from warmstart.errors import GpuError, UsageError
@@ -72,6 +75,16 @@ class Lane(ABC):
         """Make the calling thread able to drive this lane (a CUDA lane: its context)."""
 
 
+@dataclass
+class HostCopy:
+    """Bytes of an allocation kept in host memory the service backend owns
+    (CUDA: a pinned ``cuMemHostAlloc`` buffer; memfd: an anonymous mapping)."""
+
+    #: start of the host buffer (0 when ``nbytes`` is 0 or once freed)
+    address: int
+    nbytes: int
+
+
 class ServerBackend(ABC):
     kind: str
     device: int
@@ -101,6 +114,20 @@ class ServerBackend(ABC):
     def lane(self, chunk: int) -> Lane:
         """A copy lane with two staging buffers of ``chunk`` bytes; the thread that
         drives it calls :meth:`Lane.bind` first."""
+
+    @abstractmethod
+    def park(self, handle: int, size: int, nbytes: int) -> HostCopy:
+        """Copy the first ``nbytes`` of the allocation (``size`` bytes) into host
+        memory this backend owns; the allocation itself is left as it is."""
+
+    @abstractmethod
+    def unpark(self, host: HostCopy, handle: int, size: int) -> None:
+        """Copy ``host``'s bytes to the start of the allocation (``size`` bytes);
+        ``host`` stays the caller's to free."""
+
+    @abstractmethod
+    def free_host(self, host: HostCopy) -> None:
+        """Free the host memory of a :meth:`park` copy (a second call does nothing)."""
 
     def close(self) -> None:  # noqa: B027 - optional
         pass
@@ -174,6 +201,10 @@ def _mmap(addr: int | None, size: int, prot: int, flags: int, fd: int) -> int:
     return int(out)
 
 
+def _view(address: int, nbytes: int) -> memoryview:
+    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
+
+
 class MemfdServer(ServerBackend):
     kind = "memfd"
 
@@ -206,6 +237,48 @@ class MemfdServer(ServerBackend):
 
     def lane(self, chunk: int) -> Lane:
         return _MemfdLane(chunk)
+
+    def park(self, handle: int, size: int, nbytes: int) -> HostCopy:
+        if not 0 <= nbytes <= size:
+            raise UsageError(f"cannot park {nbytes} bytes of an allocation of {size}")
+        if nbytes == 0:
+            return HostCopy(0, 0)
+        address = _mmap(None, nbytes, mmap.PROT_READ | mmap.PROT_WRITE,
+                        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1)  # fmt: skip
+        view = _view(address, nbytes)
+        try:
+            done = 0
+            while done < nbytes:
+                n = os.preadv(handle, [view[done:]], done)
+                if n <= 0:
+                    raise GpuError(f"reading allocation {handle} for parking stopped at {done} of {nbytes} bytes")
+                done += n
+        except BaseException:
+            view.release()
+            _c().munmap(address, nbytes)
+            raise
+        view.release()
+        return HostCopy(address, nbytes)
+
+    def unpark(self, host: HostCopy, handle: int, size: int) -> None:
+        if host.nbytes > size:
+            raise UsageError(f"{host.nbytes} parked bytes do not fit an allocation of {size}")
+        if host.nbytes == 0:
+            return
+        if not host.address:
+            raise UsageError("the host copy was freed already")
+        view = _view(host.address, host.nbytes)
+        try:
+            done = 0
+            while done < host.nbytes:
+                done += os.pwrite(handle, view[done:], done)
+        finally:
+            view.release()
+
+    def free_host(self, host: HostCopy) -> None:
+        if host.address:
+            _c().munmap(host.address, host.nbytes)
+            host.address = 0
 
 
 class _MemfdLane(Lane):

@@ -350,5 +350,13 @@ def status(socket_path: str, timeout: float = 10.0) -> P.StatusReply:
     return request(socket_path, P.Status(), timeout)
 
 
-def evict(socket_path: str, entry_id: str | None = None, timeout: float = 10.0) -> list[str]:
-    return request(socket_path, P.Evict(entry_id=entry_id), timeout).entry_ids
+def evict(socket_path: str, entry_id: str | None = None, timeout: float = 10.0, *,
+          keep_host: bool = False) -> list[str]:  # fmt: skip
+    """Release idle entries (``entry_id``, or all); the ids that left the device.
+
+    ``keep_host``: park idle ready entries in the service's pinned host memory
+    instead, to be copied back at host-to-device speed on the next attach. The
+    service answers once the copies are made, so ``timeout`` must cover copying
+    the entries out of device memory (and pinning that much host memory).
+    """
+    return request(socket_path, P.Evict(entry_id=entry_id, keep_host=keep_host), timeout).entry_ids

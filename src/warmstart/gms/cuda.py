@@ -11,6 +11,13 @@ streams (a lane then waits on an event of its own last copy), then ``cuMemUnmap`
 context, retained on first use (allocation and filling need a context; the
 service runs no kernels).
 
+Parking (the service's host tier): ``cuMemHostAlloc`` a pinned buffer of the
+allocation's data size and ``cuMemcpyDtoH_v2`` into it through the same
+temporary mapping; copying back queues ``cuMemcpyHtoDAsync_v2`` pieces of
+:attr:`CudaServer.HOST_COPY_PIECE` bytes back to back on ONE stream and waits
+once (``cuStreamSynchronize``): one stream of large copies from pinned memory
+runs at the full host-to-device rate, several concurrent streams do not.
+
 Worker side: ``cuMemImportFromShareableHandle(&handle, (void*)(uintptr_t)fd,
 POSIX_FILE_DESCRIPTOR)`` (the driver does not take the fd; we close it after
 the import), ``cuMemMap`` into ranges the worker reserved itself, access
@@ -26,7 +33,15 @@ import ctypes
 import threading
 from typing import Any
 
-from warmstart.gms.backend import ClientBackend, Lane, ServerBackend, round_up, torch_dtype
+from warmstart.errors import UsageError
+from warmstart.gms.backend import (
+    ClientBackend,
+    HostCopy,
+    Lane,
+    ServerBackend,
+    round_up,
+    torch_dtype,
+)
 from warmstart.gms.layout import TensorSpec
 from warmstart.gpu.driver import CudaDriver, load_driver
 from warmstart.gpu.vmm import (
@@ -102,6 +117,8 @@ class CudaServer(ServerBackend):
 
     #: idle lanes kept for the next fill (pinned buffers take a while to allocate)
     MAX_POOLED_LANES = 16
+    #: bytes per cuMemcpyHtoDAsync_v2 when a parked allocation is copied back
+    HOST_COPY_PIECE = 256 << 20
 
     def __init__(self, device: int = 0, driver: CudaDriver | None = None, *, copy_streams: int = 0) -> None:
         """``copy_streams``: 0 gives every lane a copy stream of its own; N > 0 shares
@@ -189,6 +206,56 @@ class CudaServer(ServerBackend):
                 self._pool.append(lane)
                 return True
         return False
+
+    def park(self, handle: int, size: int, nbytes: int) -> HostCopy:
+        if not 0 <= nbytes <= size:
+            raise UsageError(f"cannot park {nbytes} bytes of an allocation of {size}")
+        host = HostCopy(0, nbytes)
+        if nbytes == 0:
+            return host
+        self._d.current()
+        p = ctypes.c_void_p()
+        self._d.drv.call("cuMemHostAlloc", ctypes.pointer(p), nbytes, 0)
+        host.address = int(p.value or 0)
+        try:
+            address = self.open_fill(handle, size)
+            try:
+                self._d.drv.call("cuMemcpyDtoH_v2", host.address, address, nbytes)
+            finally:
+                self.close_fill(address, size)
+        except BaseException:
+            self.free_host(host)
+            raise
+        return host
+
+    def unpark(self, host: HostCopy, handle: int, size: int) -> None:
+        if host.nbytes > size:
+            raise UsageError(f"{host.nbytes} parked bytes do not fit an allocation of {size}")
+        if host.nbytes == 0:
+            return
+        if not host.address:
+            raise UsageError("the host copy was freed already")
+        self._d.current()
+        stream = ctypes.c_void_p()
+        self._d.drv.call("cuStreamCreate", ctypes.pointer(stream), CU_STREAM_NON_BLOCKING)
+        try:
+            target = self.open_fill(handle, size)
+            try:
+                piece = self.HOST_COPY_PIECE
+                for offset in range(0, host.nbytes, piece):
+                    self._d.drv.call("cuMemcpyHtoDAsync_v2", target + offset, host.address + offset,
+                                     min(piece, host.nbytes - offset), stream)  # fmt: skip
+                self._d.drv.call("cuStreamSynchronize", stream)
+            finally:
+                self.close_fill(target, size)  # waits for whatever was queued before unmapping
+        finally:
+            self._d.drv.call("cuStreamDestroy_v2", stream)
+
+    def free_host(self, host: HostCopy) -> None:
+        if host.address:
+            self._d.current()
+            self._d.drv.call("cuMemFreeHost", host.address)
+            host.address = 0
 
     def memory_info(self) -> tuple[int, int]:
         """(free, total) bytes of device memory."""

@@ -13,7 +13,8 @@ Conversation (one connection = one attachment; closing it detaches):
 * service -> ``Progress`` while it streams the files in, then ``Ready`` (with
   the content digests and layout hash) or ``Error``;
 * a writer -> ``Commit`` once it has filled the memory itself;
-* ``Status`` (on its own connection) -> ``StatusReply``; ``Evict`` -> ``Evicted``.
+* ``Status`` (on its own connection) -> ``StatusReply``; ``Evict`` -> ``Evicted``
+  (with ``keep_host``, once the evicted bytes are copied into host memory).
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ class EntryStatus(_Msg):
     layout_hash: str | None
     fill_seconds: float | None = None
     fill_gb_per_s: float | None = None
+    #: bytes of this entry held in the service's host memory (state "parked", or
+    #: while they are copied back)
+    host_bytes: int = 0
 
 
 class StatusReply(_Msg):
@@ -121,6 +125,8 @@ class StatusReply(_Msg):
 class Evict(_Msg):
     op: Literal["evict"] = "evict"
     entry_id: str | None = None  # None: every entry without readers
+    #: park idle ready entries in the service's host memory instead of dropping them
+    keep_host: bool = False
 
 
 class Evicted(_Msg):

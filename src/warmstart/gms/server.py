@@ -11,7 +11,20 @@ Bookkeeping, per *entry* (one layout's allocations, one per safetensors file):
   references while their connection stays open;
 * entries stay resident with no readers (that is what makes a restore cheap)
   until evicted (``warmstart gms evict``) or until a new entry does not fit:
-  then idle entries are released, least recently used first.
+  then idle entries are released, least recently used first;
+* states: ``filling`` -> ``ready`` (or ``failed``); an idle ready entry evicted
+  with ``keep_host`` goes ``parking`` -> ``parked``: its bytes are copied into
+  host memory the backend owns (``Entry.host``, one :class:`HostCopy` of each
+  file's data size; pinned for CUDA), then its device memory is released and
+  its exported fds closed. A parked entry keeps its key, digests and layout
+  hash and holds no device memory (the out-of-memory eviction passes it by).
+  The next read attach (by key, or by layout hash for a re-attach) allocates
+  device memory again and copies the bytes back on a thread, as ``filling``
+  with per-file progress, then frees the host copies; ``fill_seconds`` is then
+  the copy-back time. Evicting a parked entry without ``keep_host`` drops it.
+  ``host_cache_bytes`` bounds the host tier: parking drops the least recently
+  used parked entries to make room, and releases the entry if it still does
+  not fit (or if the copy fails).
 
 Filling: the service fills entries it reads from files itself, through a
 temporary mapping (`warmstart.gms.loader`), and never maps memory otherwise.
@@ -37,7 +50,7 @@ from pathlib import Path
 
 from warmstart.errors import GpuError, UsageError, WarmstartError
 from warmstart.gms import protocol as P
-from warmstart.gms.backend import ServerBackend, round_up
+from warmstart.gms.backend import HostCopy, ServerBackend, round_up
 from warmstart.gms.layout import Layout, layout_hash, read_layout
 from warmstart.gms.loader import FillFile, fill
 
@@ -60,7 +73,7 @@ class Entry:
     handles: list[int]
     sizes: list[int]
     fds: list[int]
-    state: str = "filling"  # filling | ready | failed
+    state: str = "filling"  # filling | ready | failed | parking | parked
     files_done: list[str] = field(default_factory=list)
     bytes_done: int = 0
     digests: dict[str, str] = field(default_factory=dict)
@@ -72,6 +85,12 @@ class Entry:
     last_used: float = field(default_factory=time.monotonic)
     cancel: threading.Event = field(default_factory=threading.Event)
     version: int = 0  # bumped on every change readers should hear about
+    #: the bytes kept in host memory while parked (one copy per file, data_size bytes)
+    host: list[HostCopy] = field(default_factory=list)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(h.nbytes for h in self.host)
 
     def status(self) -> P.EntryStatus:
         total = self.layout.total_bytes
@@ -80,7 +99,7 @@ class Entry:
             entry_id=self.id, model_dir=self.model_dir, files=len(self.layout.files), bytes=total,
             state=self.state, readers=len(self.readers), writer=self.writer is not None,
             layout_hash=self.layout_hash, fill_seconds=secs,
-            fill_gb_per_s=(total / secs / 1e9) if secs else None,
+            fill_gb_per_s=(total / secs / 1e9) if secs else None, host_bytes=self.host_bytes,
         )  # fmt: skip
 
 
@@ -92,13 +111,20 @@ class GmsServer:
         *,
         lanes: int | None = None,
         socket_mode: int = 0o660,
+        host_cache_bytes: int | None = None,
     ) -> None:
+        """``host_cache_bytes``: most bytes parked entries may hold in host memory
+        (None: no limit; 0: evicting with ``keep_host`` parks nothing)."""
+        if host_cache_bytes is not None and host_cache_bytes < 0:
+            raise ValueError(f"host_cache_bytes must be >= 0, not {host_cache_bytes}")
         self.socket_path = str(socket_path)
         self.backend = backend
         self.lanes = lanes
+        self.host_cache_bytes = host_cache_bytes
         self.socket_mode = socket_mode
         self._lock = threading.Condition()
         self._entries: dict[str, Entry] = {}
+        self._host_freeing = 0  # threads freeing host copies (close() waits for them)
         self._ids = itertools.count(1)
         self._conn_ids = itertools.count(1)
         self._sock: socket.socket | None = None
@@ -181,13 +207,17 @@ class GmsServer:
                 pass
         deadline = time.monotonic() + 30
         with self._lock:
-            while any(e.state == "filling" and e.writer is None for e in self._entries.values()):
+            while any((e.state == "filling" and e.writer is None) or e.state == "parking"
+                      for e in self._entries.values()):
                 if not self._lock.wait(timeout=max(0.0, deadline - time.monotonic())):
                     break
             entries = list(self._entries.values())
             self._entries.clear()
         for e in entries:
             self._release(e)
+            self._free_host(e)
+        with self._lock:  # the backend frees host copies only while it is open
+            self._lock.wait_for(lambda: self._host_freeing == 0, timeout=max(0.0, deadline - time.monotonic()))
         self.backend.close()
 
     # ------------------------------------------------------------------ queries
@@ -200,19 +230,102 @@ class GmsServer:
         return P.StatusReply(pid=os.getpid(), backend=self.backend.kind, device=self.backend.device,
                              socket=self.socket_path, entries=self.entries())  # fmt: skip
 
-    def evict(self, entry_id: str | None = None) -> list[str]:
-        """Release idle entries (no reader, no writer, not filling)."""
+    def evict(self, entry_id: str | None = None, *, keep_host: bool = False) -> list[str]:
+        """Release idle entries (no reader, no writer, not filling); returns the ids of
+        those that left device memory.
+
+        ``keep_host``: park idle *ready* entries instead (their bytes copied into
+        host memory the backend owns, then their device memory released; see the
+        module docstring); entries parked already stay as they are. Without it a
+        parked entry is dropped with its host copy. Returns once the copies are made.
+        """
         with self._lock:
-            gone = [
+            chosen = [
                 e for e in self._entries.values()
-                if (entry_id is None or e.id == entry_id)
-                and not e.readers and e.writer is None and e.state != "filling"
+                if (entry_id is None or e.id == entry_id) and _idle(e)
+                and not (keep_host and e.state == "parked")
             ]  # fmt: skip
-            for e in gone:
+            park = [e for e in chosen if keep_host and e.state == "ready"]
+            drop = [e for e in chosen if e not in park]
+            for e in drop:
                 del self._entries[e.key]
-        for e in gone:
+        for e in drop:
             self._release(e)
-        return [e.id for e in gone]
+            self._free_host(e)
+        gone = [e.id for e in drop]
+        for e in park:
+            if self._park(e):
+                gone.append(e.id)
+        return gone
+
+    def _park(self, e: Entry) -> bool:
+        """Move an idle ready entry's bytes to host memory; False if it was taken meanwhile."""
+        need = e.layout.total_bytes
+        dropped: list[Entry] = []
+        with self._lock:
+            if self._entries.get(e.key) is not e or not _idle(e) or e.state != "ready":
+                return False
+            fits = True
+            if self.host_cache_bytes is not None:
+                parked = sorted((x for x in self._entries.values() if x.state == "parked"),
+                                key=lambda x: x.last_used)  # fmt: skip
+                held = sum(x.layout.total_bytes for x in self._entries.values()
+                           if x.host or x.state == "parking")  # fmt: skip
+                # what the other parked entries cannot give back (being parked or copied back)
+                fixed = held - sum(x.host_bytes for x in parked)
+                fits = fixed + need <= self.host_cache_bytes
+                for old in (parked if fits else []):  # least recently used first, until it fits
+                    if held + need <= self.host_cache_bytes:
+                        break
+                    del self._entries[old.key]
+                    dropped.append(old)
+                    held -= old.host_bytes
+            if fits:
+                e.state = "parking"
+            else:
+                del self._entries[e.key]
+            e.version += 1
+            self._lock.notify_all()
+        for old in dropped:
+            self._free_host(old)
+            log.info("dropped parked entry %s (%.2f GB) from host memory to make room for %s",
+                     old.id, old.layout.total_bytes / 1e9, e.id)  # fmt: skip
+        if not fits:
+            log.info("entry %s (%.2f GB) does not fit the host cache of %.2f GB: released instead of parked",
+                     e.id, need / 1e9, (self.host_cache_bytes or 0) / 1e9)  # fmt: skip
+            self._release(e)
+            return True
+        t0 = time.perf_counter()
+        copies: list[HostCopy] = []
+        try:
+            for f, h, size in zip(e.layout.files, e.handles, e.sizes):
+                copies.append(self.backend.park(h, size, f.data_size))
+        except Exception as exc:  # noqa: BLE001 - out of host memory and the like: release as before
+            for c in copies:
+                self._free_host_copy(e, c)
+            with self._lock:
+                if self._entries.get(e.key) is e:
+                    del self._entries[e.key]
+                e.version += 1
+                self._lock.notify_all()
+            log.warning("parking entry %s in host memory failed, releasing it instead: %s", e.id, exc)
+            self._release(e)
+            return True
+        secs = time.perf_counter() - t0
+        self._release(e)  # device memory and exported fds; nobody attaches while it is parking
+        with self._lock:
+            kept = self._entries.get(e.key) is e
+            if kept:
+                e.host, e.state = copies, "parked"
+            e.version += 1
+            self._lock.notify_all()
+        if not kept:  # the service closed meanwhile
+            for c in copies:
+                self._free_host_copy(e, c)
+            return True
+        log.info("entry %s parked in host memory: %.2f GB in %.2f s (%.2f GB/s)", e.id, need / 1e9, secs,
+                 need / secs / 1e9 if secs else 0.0)  # fmt: skip
+        return True
 
     # ------------------------------------------------------------------ allocations
 
@@ -228,6 +341,24 @@ class GmsServer:
             except WarmstartError as exc:
                 log.warning("releasing an allocation of entry %s failed: %s", e.id, exc)
         e.fds, e.handles = [], []
+
+    def _free_host(self, e: Entry) -> None:
+        with self._lock:
+            copies, e.host = e.host, []
+            self._host_freeing += 1
+        try:
+            for c in copies:
+                self._free_host_copy(e, c)
+        finally:
+            with self._lock:
+                self._host_freeing -= 1
+                self._lock.notify_all()
+
+    def _free_host_copy(self, e: Entry, c: HostCopy) -> None:
+        try:
+            self.backend.free_host(c)
+        except WarmstartError as exc:
+            log.warning("freeing the host copy of entry %s failed: %s", e.id, exc)
 
     def _allocate(self, layout: Layout) -> tuple[list[int], list[int], list[int]]:
         sizes = [round_up(f.data_size, self.backend.granularity) for f in layout.files]
@@ -251,9 +382,9 @@ class GmsServer:
         except GpuError as exc:
             if "OUT_OF_MEMORY" not in str(exc):
                 raise
+            # parked entries hold no device memory: releasing them would free none
             idle = sorted(
-                (e for e in self._entries.values()
-                 if not e.readers and e.writer is None and e.state != "filling"),
+                (e for e in self._entries.values() if _idle(e) and e.state != "parked"),
                 key=lambda e: e.last_used,
             )  # fmt: skip
             if not idle:
@@ -278,7 +409,7 @@ class GmsServer:
             if isinstance(msg, P.Status):
                 P.send(conn, self.status())
             elif isinstance(msg, P.Evict):
-                P.send(conn, P.Evicted(entry_ids=self.evict(msg.entry_id)))
+                P.send(conn, P.Evicted(entry_ids=self.evict(msg.entry_id, keep_host=msg.keep_host)))
             elif isinstance(msg, P.Attach):
                 self._attach(cid, conn, msg)
             else:
@@ -301,9 +432,10 @@ class GmsServer:
             with self._lock:
                 self._conns.pop(cid, None)
                 for e in list(self._entries.values()):
-                    e.readers.discard(cid)
-                    if e.readers == set():
-                        e.last_used = time.monotonic()
+                    if cid in e.readers:  # only the entries this connection used were used now
+                        e.readers.discard(cid)
+                        if not e.readers:
+                            e.last_used = time.monotonic()
             conn.close()
 
     def _key(self, msg: P.Attach) -> tuple[str, str | None]:
@@ -335,7 +467,8 @@ class GmsServer:
             return None
         with self._lock:
             for e in self._entries.values():
-                if e.state == "ready" and e.layout_hash == msg.expect_hash and e.layout == msg.layout:
+                if (e.state in ("ready", "parking", "parked") and e.layout_hash == msg.expect_hash
+                        and e.layout == msg.layout):  # fmt: skip
                     return e
         return None
 
@@ -350,6 +483,11 @@ class GmsServer:
             key, model_dir = (entry.key, entry.model_dir) if entry is not None else self._key(msg)
             with self._lock:
                 entry = self._entries.get(key)
+                while entry is not None and entry.state == "parking":  # until its bytes are in host memory
+                    self._lock.wait(timeout=1.0)
+                    if self._stopping.is_set():
+                        raise _Refuse("failed", "the service is stopping")
+                    entry = self._entries.get(key)
                 if entry is not None and entry.state == "failed":
                     del self._entries[key]  # a failed fill: start over (readers keep their imports)
                     self._release(entry)
@@ -359,9 +497,16 @@ class GmsServer:
                         raise _Refuse("busy", "another client is filling these weights",
                                       "attach for reading, or wait for it to commit")  # fmt: skip
                     raise _Refuse("busy", "these weights are already filled", "attach for reading")
-                if (entry is not None and msg.expect_hash and entry.state == "ready"
+                if (entry is not None and msg.expect_hash and entry.state in ("ready", "parked")
                         and entry.layout_hash != msg.expect_hash):  # fmt: skip
                     raise _mismatch(msg.expect_hash, entry.layout_hash)
+                if entry is not None and entry.state == "parked":  # back onto the device
+                    entry.handles, entry.sizes, entry.fds = self._allocate(entry.layout)
+                    entry.state, entry.files_done, entry.bytes_done = "filling", [], 0
+                    entry.version += 1
+                    self._lock.notify_all()
+                    threading.Thread(target=self._unpark, args=(entry,), name=f"gms-unpark-{entry.id}",
+                                     daemon=True).start()  # fmt: skip
                 if entry is None:
                     if msg.mode == "read" and model_dir is None:
                         raise _Refuse("failed", "the service holds no weights of this layout",
@@ -384,7 +529,9 @@ class GmsServer:
                     allocations=[P.AllocationInfo(file=f.name, size=s, data_size=f.data_size)
                                  for f, s in zip(entry.layout.files, entry.sizes)],
                     state="ready" if entry.state == "ready" else "filling",
-                    layout_hash=entry.layout_hash, digests=entry.digests,
+                    # as for a load, the hash and digests come with Ready while copying back
+                    layout_hash=entry.layout_hash if entry.state == "ready" else None,
+                    digests=entry.digests if entry.state == "ready" else {},
                 )  # fmt: skip
                 fds = [os.dup(fd) for fd in entry.fds]  # ours to send even if the entry goes meanwhile
             try:
@@ -505,6 +652,40 @@ class GmsServer:
             self._lock.notify_all()
         log.info("entry %s ready: %.2f GB in %.2f s (%.2f GB/s)", entry.id, result.nbytes / 1e9,
                  result.seconds, result.gb_per_s)  # fmt: skip
+
+    def _unpark(self, entry: Entry) -> None:
+        """Copy a parked entry's host copies into its new device memory (state "filling")."""
+        t0 = time.perf_counter()
+        done: list[str] = []
+        nbytes = 0
+        try:
+            for f, host, h, size in zip(entry.layout.files, entry.host, entry.handles, entry.sizes, strict=True):
+                if entry.cancel.is_set():
+                    raise WarmstartError("the service is stopping")
+                self.backend.unpark(host, h, size)
+                done.append(f.name)
+                nbytes += host.nbytes
+                with self._lock:
+                    entry.files_done, entry.bytes_done = list(done), nbytes
+                    entry.version += 1
+                    self._lock.notify_all()
+        except BaseException as exc:  # noqa: BLE001
+            self._free_host(entry)
+            self._fail(entry, f"copying entry {entry.id} back from host memory failed: {exc}", drop=True)
+            return
+        secs = time.perf_counter() - t0
+        with self._lock:
+            entry.state, entry.fill_seconds = "ready", secs
+            entry.version += 1
+            self._lock.notify_all()
+        self._free_host(entry)
+        log.info("entry %s unparked: %.2f GB in %.2f s (%.2f GB/s)", entry.id, nbytes / 1e9, secs,
+                 nbytes / secs / 1e9 if secs else 0.0)  # fmt: skip
+
+
+def _idle(e: Entry) -> bool:
+    """No reader, no writer, and not being filled or parked: free to release or park."""
+    return not e.readers and e.writer is None and e.state not in ("filling", "parking")
 
 
 class _Refuse(Exception):

@@ -105,7 +105,9 @@ class FakeCudaLib:
         self.memory: dict[int, bytearray] = {}  # handle -> contents
         self.handle_types: dict[int, int] = {}  # handle -> requestedHandleTypes at cuMemCreate
         self.imported: dict[int, int] = {}  # imported handle -> exported one
-        self.host_buffers: dict[int, Any] = {}
+        self.host_buffers: dict[int, Any] = {}  # address -> pinned buffer (cuMemHostAlloc)
+        #: (device address, bytes, stream) of every successful cuMemcpyHtoDAsync_v2
+        self.h2d_copies: list[tuple[int, int, int]] = []
         self.streams: set[int] = set()
         self.events: dict[int, int | None] = {}  # event -> the stream it was last recorded on
         self._handles = 0x5000
@@ -462,9 +464,12 @@ class FakeCudaLib:
             return INVALID_VALUE  # unmapped, or mapped without write access
         mem, off, _ = where
         mem[off : off + count] = ctypes.string_at(src, count)
+        self.h2d_copies.append((dst, count, stream.value if isinstance(stream, ctypes.c_void_p) else stream))
         return SUCCESS
 
     def cuMemcpyDtoH_v2(self, dst: Any, src: int, count: int) -> int:
+        if rc := self._fault("cuMemcpyDtoH_v2", None):
+            return rc
         where = self._resolve(src, count)
         if where is None or self.access.get(where[2]) not in (1, 3):
             return INVALID_VALUE
