@@ -70,12 +70,16 @@ def ours(
     level = os.environ.pop(LOG_LEVEL_ENV, None)
     if who == "criu-v4":  # CRIU logging at debug level, for an A/B in one run
         os.environ[LOG_LEVEL_ENV] = "4"
+    load_runs = pageserver.RunsCache.__dict__["load"]  # the classmethod itself, put back below
+    if who == "parse":  # the snapshot's decoded pagemaps ignored: decoded from the images again
+        pageserver.RunsCache.load = classmethod(lambda cls, path: None)  # type: ignore[method-assign,assignment]
     try:
         t0 = time.perf_counter()
         r = restore(name, store=store, request=request)
         took = time.perf_counter() - t0
     finally:
         pageserver.SWITCH_INTERVAL = short
+        pageserver.RunsCache.load = load_runs  # type: ignore[method-assign]
         os.environ.pop(LOG_LEVEL_ENV, None)
         if level is not None:
             os.environ[LOG_LEVEL_ENV] = level
@@ -123,13 +127,15 @@ def main() -> None:
                     help="warmstart without its page server (CRIU fills memory)")  # fmt: skip
     ap.add_argument("--modes", nargs="+", default=["naive", "warmstart", "lazy"],
                     choices=["naive", "naive-dense", "warmstart", "lazy", "prefetch", "lazy+prefetch", "noverify",
-                             "long-switch", "criu-v4"],
+                             "long-switch", "criu-v4", "parse"],
                     help="lazy: warmstart restore --lazy (runs while the pages are filled); "
                          "prefetch: warmstart restore --prefetch; "
                          "noverify: warmstart restore --no-verify (what the checksums cost); "
                          "long-switch: warmstart with Python's default 5 ms GIL switch interval during the "
                          "page server's work (it shortens it to 0.2 ms); "
-                         "criu-v4: warmstart with CRIU's log at level 4 (debug), not its default 2")  # fmt: skip
+                         "criu-v4: warmstart with CRIU's log at level 4 (debug), not its default 2; "
+                         "parse: warmstart decoding the pagemaps at restore, not from the snapshot's "
+                         "pagemap-runs.bin")  # fmt: skip
     ap.add_argument("--trace", type=Path, help="write each restore's page-server trace here (bench/fill_trace.py)")
     args = ap.parse_args()
     http_client()  # made before anything is timed

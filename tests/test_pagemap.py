@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from warmstart.errors import SnapshotCorrupt
-from warmstart.host.pagemap import PAGE_SIZE, PE_PARENT, PE_PRESENT, read_pagemap_file
+from warmstart.host.pagemap import PAGE_SIZE, PE_PARENT, PE_PRESENT, RunsCache, read_pagemap, read_pagemap_file
 
 
 def varint(n: int) -> bytes:
@@ -66,3 +66,57 @@ def test_a_truncated_entry_is_refused(tmp_path: Path, cut: int) -> None:
     path.write_bytes(data[:-cut])
     with pytest.raises(SnapshotCorrupt, match="cannot be parsed|truncated"):
         read_pagemap_file(path, 1)
+
+
+runs_entry = st.tuples(st.integers(0, (1 << 48) - 1), st.integers(0, (1 << 32) - 1), st.integers(0, 7))
+
+
+@given(st.lists(st.lists(runs_entry, max_size=30), min_size=1, max_size=4))
+def test_the_runs_cache_gives_back_what_the_images_decode_to(tmp_path_factory, tasks) -> None:
+    images = tmp_path_factory.mktemp("images")
+    for pid, entries in enumerate(tasks, start=1):
+        raw = [field(1, v) + field(2, n) + field(4, f) for v, n, f in entries]
+        (images / f"pagemap-{pid}.img").write_bytes(image(field(1, 10 + pid), raw))
+    cache_file = images.parent / "runs.bin"
+    assert RunsCache.write(images, cache_file) == len(tasks)
+    cache = RunsCache.load(cache_file)
+    assert cache is not None
+    for pid in range(1, len(tasks) + 1):
+        path = images / f"pagemap-{pid}.img"
+        cached = cache.pagemap(path, path.read_bytes(), pid)
+        assert cached is not None and cached == read_pagemap_file(path, pid)
+        assert read_pagemap(images, pid, cache) == cached
+
+
+def test_the_runs_cache_is_not_used_for_other_bytes(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    pm = images / "pagemap-7.img"
+    pm.write_bytes(image(field(1, 3), [field(1, 1 << 30) + field(2, 4) + field(4, PE_PRESENT)]))
+    RunsCache.write(images, tmp_path / "runs.bin")
+    cache = RunsCache.load(tmp_path / "runs.bin")
+    assert cache is not None
+    # the same size, another run: decoded from the image, never taken from the cache
+    pm.write_bytes(image(field(1, 3), [field(1, 1 << 31) + field(2, 4) + field(4, PE_PRESENT)]))
+    assert cache.pagemap(pm, pm.read_bytes(), 7) is None
+    assert read_pagemap(images, 7, cache).runs[0].vaddr == 1 << 31
+
+
+@pytest.mark.parametrize("damage", ["truncate", "magic", "extra", "missing"])
+def test_a_damaged_or_missing_runs_cache_is_ignored(tmp_path: Path, damage: str) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "pagemap-7.img").write_bytes(image(field(1, 3), [field(1, 4096) + field(2, 1) + field(4, PE_PRESENT)]))
+    out = tmp_path / "runs.bin"
+    RunsCache.write(images, out)
+    data = out.read_bytes()
+    if damage == "truncate":
+        out.write_bytes(data[:-5])
+    elif damage == "magic":
+        out.write_bytes(b"X" + data[1:])
+    elif damage == "extra":
+        out.write_bytes(data + b"\0")
+    else:
+        out.unlink()
+    assert RunsCache.load(out) is None
+    assert read_pagemap(images, 7, None).runs[0].vaddr == 4096

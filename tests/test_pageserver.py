@@ -20,7 +20,7 @@ from warmstart.host.process import kill_tree
 from warmstart.host.pageserver import SMALL_RUN, task_pids
 from warmstart.host.pagemap import PAGE_SIZE, PE_LAZY, PE_PRESENT, PageRun, read_pagemap, read_vmas, split_at_vmas
 from warmstart.snapshot.checkpoint import CheckpointOptions, checkpoint
-from warmstart.snapshot.manifest import IMAGES_DIR
+from warmstart.snapshot.manifest import IMAGES_DIR, RUNS_FILE
 from warmstart.snapshot.restore import RestoreRequest, restore
 from warmstart.store.local import LocalStore
 
@@ -554,8 +554,12 @@ def test_the_page_server_parses_every_task_before_criu_hands_it_over(tree_factor
     store = LocalStore(store_dir)
     checkpoint(tree.pid, store=store, name="ahead", options=CheckpointOptions(leave_running=True))
     images = store.path_of("ahead") / IMAGES_DIR
-    with PageServer(images, tmp_path, check=lambda *_: None) as server:
+    runs = store.path_of("ahead") / RUNS_FILE
+    assert RUNS_FILE in {f.path for f in store.manifest("ahead").files}  # written and checked with the rest
+    with PageServer(images, tmp_path, check=lambda *_: None, runs_cache=runs) as server:
         server.wait_prepared()
+        assert server._listed.wait(10)  # the fill's chunks are listed after the parse
+        assert server._runs is not None and set(server._runs.entries) >= {f"pagemap-{p}.img" for p in task_pids(images)}
         for pid in task_pids(images):
             pagemap, task = server._prepared[pid].result()
             assert server.pagemap(pid) == pagemap == read_pagemap(images, pid)

@@ -53,6 +53,7 @@ from warmstart.host.pagemap import (
     Pagemap,
     PageRun,
     pages_image_of,
+    RunsCache,
     read_pagemap,
     read_vmas,
     split_at_vmas,
@@ -255,8 +256,12 @@ class PageServer:
         check_size: int = 64 << 20,
         readahead: bool = True,
         trace: Path | None = None,
+        runs_cache: Path | None = None,
     ) -> None:
         self.images = Path(images)
+        #: The snapshot's decoded pagemaps (:class:`RunsCache`), loaded by the prepare thread.
+        self.runs_cache = runs_cache
+        self._runs: RunsCache | None = None
         self.open_pages = open_pages
         #: Called as ``check(pages image, offset, length)`` for every
         #: ``check_size`` piece of each task's pages image, right after the
@@ -307,6 +312,8 @@ class PageServer:
         self._batches = threading.Lock()  # held by the thread filling small runs (the batch lane)
         #: PID -> (pagemap, its task: runs cut at mappings, pages source, chunks), ahead of CRIU
         self._prepared: dict[int, Future[tuple[Pagemap, _Task]]] = {}
+        #: set once the prepare thread has listed the prepared tasks' fill chunks (or gave up)
+        self._listed = threading.Event()
         self._opened: list[PagesSource] = []  # every pages source opened, closed by close()
         self._expected: set[int] | None = None
 
@@ -441,15 +448,13 @@ class PageServer:
 
     # -- parsing the tasks' images ahead of CRIU ---------------------------
     def _parse(self, pid: int) -> tuple[Pagemap, _Task]:
-        """A task's pagemap and its :class:`_Task` (no userfaultfd yet), its fill chunks listed."""
-        pagemap = read_pagemap(self.images, pid)
+        """A task's pagemap and its :class:`_Task` (no userfaultfd yet)."""
+        pagemap = read_pagemap(self.images, pid, self._runs)
         runs = split_at_vmas(pagemap.lazy_runs, read_vmas(self.images, pid))
         pages = self.open_pages(pagemap.pages)
         with self._lock:
             self._opened.append(pages)
-        task = _Task(pid=pid, fd=-1, pages=pages, runs=runs)
-        task.chunks = self._task_chunk_list(task)
-        return pagemap, task
+        return pagemap, _Task(pid=pid, fd=-1, pages=pages, runs=runs)
 
     def _prepare(self) -> None:
         """Parse each expected task's pagemap and mappings, and open its pages, before
@@ -457,15 +462,31 @@ class PageServer:
         threads' stacks) wait until the task is registered here; parsing the
         reference worker's 12k runs on arrival held its restorer for 0.17 s."""
         self.mark("parse-start")
-        for pid, future in sorted(self._prepared.items()):
-            if self._stop.is_set():
-                future.cancel()
-                continue
-            try:
-                future.set_result(self._parse(pid))
-            except Exception as exc:  # noqa: BLE001 - _add_task parses again and reports
-                future.set_exception(exc)
-        self.mark("parsed")
+        tasks: list[_Task] = []
+        try:
+            if self.runs_cache is not None:
+                self._runs = RunsCache.load(self.runs_cache)
+            for pid, future in sorted(self._prepared.items()):
+                if self._stop.is_set():
+                    future.cancel()
+                    continue
+                try:
+                    parsed = self._parse(pid)
+                except Exception as exc:  # noqa: BLE001 - _add_task parses again and reports
+                    future.set_exception(exc)
+                    continue
+                future.set_result(parsed)
+                tasks.append(parsed[1])
+            self.mark("parsed")
+            # The fill's chunks come after every task can be registered: the restorer
+            # waits for its task, the fill starts only once CRIU has returned.
+            for task in tasks:
+                if self._stop.is_set():
+                    break
+                task.chunks = self._task_chunk_list(task)
+            self.mark("listed")
+        finally:
+            self._listed.set()
 
     def pagemap(self, pid: int) -> Pagemap:
         """A task's pagemap, parsed once for everyone who needs it (file readahead too)."""
@@ -475,7 +496,7 @@ class PageServer:
                 return future.result()[0]
             except Exception:  # noqa: BLE001 - parsed again below, which says what is wrong
                 pass
-        return read_pagemap(self.images, pid)
+        return read_pagemap(self.images, pid, self._runs)
 
     def wait_prepared(self, timeout: float = 10.0) -> None:
         """Wait until every expected task is parsed (or its parse failed: it is redone,
@@ -766,6 +787,8 @@ class PageServer:
         Consecutive small runs become one batch chunk (payload: the list of runs).
         With checks, chunks are cut at the image's check pieces too, and a piece
         without lazy pages gets one empty chunk (it is checked all the same)."""
+        if self._threads:  # the prepare thread runs: let it finish its listing
+            self._listed.wait(5.0)
         with self._lock:
             tasks = list(self._tasks.values())
         return [c for task in tasks for c in (task.chunks if task.chunks is not None else self._task_chunk_list(task))]

@@ -40,11 +40,13 @@ from warmstart.errors import StoreError, UsageError
 from warmstart.host import process as proc
 from warmstart.host import sockets
 from warmstart.host.criu import Criu, DumpOptions, find_criu
+from warmstart.host.pagemap import RunsCache
 from warmstart.host.stats import DumpStats
 from warmstart.snapshot import gpu_state, hostinfo, prefetch
 from warmstart.snapshot.guard import Guard
 from warmstart.snapshot.manifest import (
     IMAGES_DIR,
+    RUNS_FILE,
     Durability,
     FileEntry,
     Manifest,
@@ -53,7 +55,7 @@ from warmstart.snapshot.manifest import (
 )
 from warmstart.snapshot.timing import PhaseListener, Timer
 from warmstart.store.compress import compress_file
-from warmstart.store.integrity import PIECE_SIZE, FollowingDigester
+from warmstart.store.integrity import PIECE_SIZE, FollowingDigester, digest_file
 from warmstart.store.local import LocalStore, Staging
 from warmstart.store.writeback import EarlyWriteback
 
@@ -187,6 +189,14 @@ def _add_criu_phases(timer: Timer, images: Path) -> None:
     timer.add("  memwrite", stats.memwrite_s, stats.pages_written * 4096)
 
 
+def _record_runs(snapshot_dir: Path, images: Path) -> FileEntry:
+    path = snapshot_dir / RUNS_FILE
+    RunsCache.write(images, path)
+    path.chmod(0o600)
+    size, digest = digest_file(path)
+    return FileEntry(path=RUNS_FILE, size=size, digest=digest)
+
+
 def _compress_pages(
     images: Path, codec: str, digests: dict[str, tuple[int, str]]
 ) -> tuple[int, dict[str, tuple[int, str]]]:
@@ -266,6 +276,8 @@ def checkpoint(
         with timer.phase("checksum"):
             digests = digester.finish()
             pieces = digester.pieces()
+        with timer.phase("runs"):  # what the restore's page server would decode first
+            runs = _record_runs(staging.path, staging.images)
         if options.compress:
             with timer.phase("compress"):
                 raw, digests = _compress_pages(staging.images, options.compress, digests)
@@ -285,7 +297,7 @@ def checkpoint(
                 )  # fmt: skip
                 for rel, (size, digest) in sorted(digests.items())
             ]
-            + [resident]
+            + [resident, runs]
             + list(extra.pop("files", [])),
             gpus=gpu.records() if gpu else [],
             timings=timer.phases,

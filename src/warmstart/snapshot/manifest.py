@@ -19,6 +19,8 @@ from warmstart.errors import SnapshotCorrupt
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 IMAGES_DIR = "images"
+#: The snapshot's pagemaps decoded at checkpoint (`warmstart.host.pagemap.RunsCache`)
+RUNS_FILE = "pagemap-runs.bin"
 
 #: How a snapshot was made durable before it was published: ``fsync`` (on disk
 #: first; survives a power loss) or ``none`` (left to the kernel's write-back:

@@ -40,7 +40,7 @@ from warmstart.host.pageserver import (
 from warmstart.host.stats import RestoreStats
 from warmstart.snapshot import compat, hostinfo
 from warmstart.snapshot.gpu_state import GpuRestorePlan
-from warmstart.snapshot.manifest import IMAGES_DIR, Manifest
+from warmstart.snapshot.manifest import IMAGES_DIR, RUNS_FILE, Manifest
 from warmstart.snapshot.prefetch import Prefetch
 from warmstart.snapshot.timing import PhaseListener, Timer
 from warmstart.snapshot.unpack import unpack_view
@@ -269,6 +269,8 @@ def restore(
                     check_size=PIECE_SIZE,
                     readahead=incoming is None,  # a streamed image is read as it arrives
                     trace=request.pages_trace,
+                    # decoded pagemaps, when the snapshot has them here (checked with the rest)
+                    runs_cache=path / RUNS_FILE if incoming is None else None,
                 )
             )
             if parallel
