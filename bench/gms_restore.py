@@ -5,10 +5,12 @@ as many layers as fit ``--gib``):
 
 * pinned host-to-device copy bandwidth (torch, 1 GiB, the best of 5);
 * the service's weight streaming rate (first fill, files in the page cache, and
-  with ``--drop-caches`` again from a dropped page cache);
+  with ``--drop-caches`` again from a dropped page cache), and with
+  ``--parked`` its copy-back rate from its pinned host memory tier;
 * snapshot size with weights in the service vs in-process;
 * restore -> first token: service with resident weights, service streaming the
-  weights (evicted, page cache dropped with ``--drop-caches``), the full
+  weights (evicted, page cache dropped with ``--drop-caches``), service with
+  the weights parked in pinned host memory (``--parked``), the full
   snapshot (weights in-process) restored by warmstart and by the naive
   pipeline (bare ``criu restore`` + the driver's restore and unlock, then the
   worker told it runs again), and a cold start of the in-process worker.
@@ -223,6 +225,8 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=None, help="use this model directory instead of making one")
     ap.add_argument("--kv-gib", type=float, default=1.0)
     ap.add_argument("--drop-caches", action="store_true", help="also measure streaming from a dropped page cache")
+    ap.add_argument("--parked", action="store_true",
+                    help="also restore with the weights parked in the service's pinned host memory")
     ap.add_argument("--skip-inprocess", action="store_true", help="skip the full snapshot and the cold start")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
@@ -275,6 +279,14 @@ def main() -> int:
         def gms_restore(label: str) -> None:
             if label == "resident":
                 res["first_fill_gb_s"] = fill_rate()  # the cold start's fill, files in the page cache
+            if label == "parked":
+                # the streamed restore's fill, then the weights parked in the service's pinned host memory
+                res["stream_gb_s_page_cache" if not args.drop_caches else "stream_gb_s_dropped_cache"] = fill_rate()
+                deadline = time.monotonic() + 60
+                while not evict(str(sock), timeout=600, keep_host=True):  # pins and copies the weights
+                    if time.monotonic() > deadline:
+                        raise SystemExit("the service kept the weights in use")
+                    time.sleep(0.05)
             if label == "streamed":
                 # restore with nothing resident: the service streams while CRIU restores
                 deadline = time.monotonic() + 60
@@ -285,11 +297,16 @@ def main() -> int:
                 if args.drop_caches:
                     drop_caches()
 
-        labels = ["resident", "streamed"]
+        labels = ["resident", "streamed"] + (["parked"] if args.parked else [])
         r = snapshot_and_restores(model, work, "gms", args.kv_gib, sock, labels, gms_restore)
         res["gms"] = r
-        res["stream_gb_s_page_cache" if not args.drop_caches else "stream_gb_s_dropped_cache"] = fill_rate()
-        log(f"gms snapshot {r['snapshot_bytes'] / 1e9:.2f} GB; streaming {fill_rate():.1f} GB/s")
+        if args.parked:
+            res["unpark_gb_s"] = fill_rate()
+            log(f"unparked from pinned host memory at {fill_rate():.1f} GB/s")
+        else:
+            res["stream_gb_s_page_cache" if not args.drop_caches else "stream_gb_s_dropped_cache"] = fill_rate()
+        stream = res.get("stream_gb_s_dropped_cache") or res.get("stream_gb_s_page_cache") or 0.0
+        log(f"gms snapshot {r['snapshot_bytes'] / 1e9:.2f} GB; streaming {stream:.1f} GB/s")
         evict(str(sock))
     finally:
         svc.terminate()
@@ -320,6 +337,11 @@ def main() -> int:
     summary["stream_gb_s"] = stream
     if res["h2d_pinned_gb_s"]:
         summary["stream_vs_h2d"] = (stream or 0) / res["h2d_pinned_gb_s"]  # type: ignore[operator]
+    if args.parked:
+        summary["gms_parked_first_token_s"] = g["parked_first_token_s"]  # type: ignore[index]
+        summary["unpark_gb_s"] = res["unpark_gb_s"]
+        if res["h2d_pinned_gb_s"]:
+            summary["unpark_vs_h2d"] = res["unpark_gb_s"] / res["h2d_pinned_gb_s"]  # type: ignore[operator]
     if "inprocess" in res:
         i = res["inprocess"]
         summary["snapshot_gb_inprocess"] = i["snapshot_bytes"] / 1e9  # type: ignore[index]

@@ -205,6 +205,59 @@ def test_cuda_vmm_export_import_map_roundtrip(tmp_path: Path) -> None:
     srv.close()
 
 
+def test_cuda_park_and_unpark_move_the_bytes_through_pinned_host_memory(tmp_path: Path) -> None:
+    """The host tier on the real driver: device -> pinned host -> a new allocation."""
+    from warmstart.gms.cuda import CudaServer
+    from warmstart.gms.loader import FillFile, fill
+
+    data = torch.randint(0, 256, (300 << 20,), dtype=torch.uint8)  # more than one 256 MiB copy piece
+    f = tmp_path / "blob"
+    f.write_bytes(data.numpy().tobytes())
+    srv = CudaServer(0)
+    size = -(-data.numel() // srv.granularity) * srv.granularity
+    handle = srv.create(size)
+    target = srv.open_fill(handle, size)
+    fill(srv, [FillFile("blob", str(f), 0, data.numel(), target)], lanes=2)
+    srv.close_fill(target, size)
+    host = srv.park(handle, size, data.numel())
+    srv.release(handle)
+    assert host.nbytes == data.numel()
+    again = srv.create(size)
+    srv.unpark(host, again, size)
+    srv.free_host(host)
+    n = data.numel()
+    for off in (0, 1 << 20, (256 << 20) - 7, n - 4096):  # across the copy pieces
+        assert srv.read_back(again, size, off, 4096) == data[off : off + 4096].numpy().tobytes()
+    srv.release(again)
+    srv.close()
+
+
+def test_a_parked_model_comes_back_for_the_next_worker(tmp_path: Path, qwen: Path, services) -> None:  # type: ignore[no-untyped-def]
+    from warmstart.gms.client import evict
+
+    svc = services()
+    first = Worker(tmp_path, qwen, svc.sock, "first")
+    try:
+        first.wait_ready()
+        expected = complete(first.port)
+    finally:
+        first.stop()
+    wait_for(lambda: all(e.readers == 0 for e in svc.status().entries), 60, "the worker's detach")
+    (before,) = svc.status().entries
+    assert evict(str(svc.sock), timeout=300, keep_host=True) == [before.entry_id]
+    (parked,) = svc.status().entries
+    assert parked.state == "parked" and parked.host_bytes == parked.bytes
+    second = Worker(tmp_path, qwen, svc.sock, "second")
+    try:
+        second.wait_ready()
+        assert complete(second.port) == expected
+        (back,) = svc.status().entries
+        assert back.state == "ready" and back.layout_hash == before.layout_hash
+        print(f"copied back {back.bytes / 1e9:.2f} GB at {back.fill_gb_per_s:.1f} GB/s")
+    finally:
+        second.stop()
+
+
 def test_two_workers_share_one_copy(tmp_path: Path, qwen: Path, services) -> None:  # type: ignore[no-untyped-def]
     svc = services()
     inproc = Worker(tmp_path, qwen, None, "inproc")
