@@ -456,6 +456,12 @@ def test_restore_preflight_refuses_or_prefetches(tmp_path: Path, model_dir: Path
         pre.wait(20)
         (entry,) = status(srv.socket_path).entries
         assert entry.state == "ready" and entry.layout_hash == labels["gms.layout_hash"]
+        assert evict(srv.socket_path, keep_host=True) == [entry.entry_id]
+        pre = prepare_restore(labels)  # parked in host memory: copied back, not read from the files
+        assert pre is not None and pre.state == "parked"
+        pre.wait(20)
+        (entry,) = status(srv.socket_path).entries
+        assert entry.state == "ready" and entry.layout_hash == labels["gms.layout_hash"]
 
         name = w.layout.files[1].name
         safetensors_torch.save_file({"d.weight": torch.full((5, 5), 3.0)}, str(model_dir / name))

@@ -12,8 +12,10 @@ reference worker at its checkpoint point; see `warmstart.serve.main`):
 node cannot provide identical bytes as far as that can be known without
 reading them (service unreachable, a file missing or of another size, another
 structure); if the service already holds weights with that layout hash the
-re-attach will cost only the mapping; otherwise it asks the service to start
-streaming them *now*, so loading overlaps the process restore. Content
+re-attach will cost only the mapping; otherwise it asks the service to bring
+them in *now*, so loading overlaps the process restore: copied back from the
+service's pinned host memory if they are parked there (``gms evict
+--keep-host``), else streamed from the files. Content
 digests are known only once the bytes are read: a mismatch found then is
 reported by :meth:`Prefetch.wait` and refused by the restored worker itself.
 """
@@ -37,7 +39,8 @@ LAYOUT_LABEL = "gms.layout_hash"
 @dataclass
 class Prefetch:
     layout_hash: str
-    #: "resident" (nothing to load) or "streaming"
+    #: "resident" (nothing to load), "parked" (copied back from the service's host
+    #: memory) or "streaming" (read from the files)
     state: str
     weights_bytes: int = 0
     _thread: threading.Thread | None = None
@@ -85,6 +88,7 @@ def prepare_restore(labels: Mapping[str, str], *, socket: str | None = None) -> 
     for e in reply.entries:
         if e.layout_hash == lhash and e.state == "ready":
             return Prefetch(lhash, "resident", e.bytes)
+    parked = any(e.layout_hash == lhash and e.state in ("parking", "parked") for e in reply.entries)
     # Attach without mapping (this process needs no CUDA context): the service starts loading
     # and refuses another structure at once; its Ready or Error arrives on this connection.
     layout = read_layout(model_dir)
@@ -99,7 +103,7 @@ def prepare_restore(labels: Mapping[str, str], *, socket: str | None = None) -> 
         conn.close()
         raise
     conn.settimeout(None)
-    pre = Prefetch(lhash, "streaming", layout.total_bytes)
+    pre = Prefetch(lhash, "parked" if parked else "streaming", layout.total_bytes)
 
     def follow() -> None:
         try:
