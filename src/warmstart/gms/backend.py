@@ -46,6 +46,16 @@ def round_up(n: int, granularity: int) -> int:
     return max(granularity, -(-n // granularity) * granularity)
 
 
+def has_bytes_for(host: HostCopy, size: int) -> bool:
+    """Whether ``host`` has bytes to copy back into an allocation of ``size``;
+    a copy that does not fit, or was freed already, is a caller's mistake."""
+    if host.nbytes > size:
+        raise UsageError(f"{host.nbytes} parked bytes do not fit an allocation of {size}")
+    if host.nbytes and not host.address:
+        raise UsageError("the host copy was freed already")
+    return host.nbytes > 0
+
+
 def torch_dtype(name: str) -> Any:
     import torch
 
@@ -261,12 +271,8 @@ class MemfdServer(ServerBackend):
         return HostCopy(address, nbytes)
 
     def unpark(self, host: HostCopy, handle: int, size: int) -> None:
-        if host.nbytes > size:
-            raise UsageError(f"{host.nbytes} parked bytes do not fit an allocation of {size}")
-        if host.nbytes == 0:
+        if not has_bytes_for(host, size):
             return
-        if not host.address:
-            raise UsageError("the host copy was freed already")
         view = _view(host.address, host.nbytes)
         try:
             done = 0

@@ -39,6 +39,7 @@ from warmstart.gms.backend import (
     HostCopy,
     Lane,
     ServerBackend,
+    has_bytes_for,
     round_up,
     torch_dtype,
 )
@@ -229,12 +230,8 @@ class CudaServer(ServerBackend):
         return host
 
     def unpark(self, host: HostCopy, handle: int, size: int) -> None:
-        if host.nbytes > size:
-            raise UsageError(f"{host.nbytes} parked bytes do not fit an allocation of {size}")
-        if host.nbytes == 0:
+        if not has_bytes_for(host, size):
             return
-        if not host.address:
-            raise UsageError("the host copy was freed already")
         self._d.current()
         stream = ctypes.c_void_p()
         self._d.drv.call("cuStreamCreate", ctypes.pointer(stream), CU_STREAM_NON_BLOCKING)
