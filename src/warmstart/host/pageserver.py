@@ -52,8 +52,8 @@ from warmstart.host.pagemap import (
     PE_PRESENT,
     Pagemap,
     PageRun,
-    pages_image_of,
     RunsCache,
+    pages_image_of,
     read_pagemap,
     read_vmas,
     split_at_vmas,
@@ -310,7 +310,8 @@ class PageServer:
         self._local = threading.local()
         self._queue: FillQueue | None = None  # while fill() runs
         self._batches = threading.Lock()  # held by the thread filling small runs (the batch lane)
-        #: PID -> (pagemap, its task: runs cut at mappings, pages source, chunks), ahead of CRIU
+        #: PID -> (pagemap, its task: runs cut at mappings, pages source), ahead of CRIU; the
+        #: task's fill chunks are listed after every task is (see ``_listed``)
         self._prepared: dict[int, Future[tuple[Pagemap, _Task]]] = {}
         #: set once the prepare thread has listed the prepared tasks' fill chunks (or gave up)
         self._listed = threading.Event()
