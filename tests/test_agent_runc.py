@@ -49,7 +49,10 @@ def env(tmp_path: Path, base: Path):
 
 
 def _counter(c) -> int:
-    return int((c.rootfs / "data" / "counter").read_text().strip() or 0)
+    """The container's counter. The shell truncates the file before each write, so a
+    read can land between the two and find it empty: read again."""
+    path = c.rootfs / "data" / "counter"
+    return int(wait_for(lambda: path.read_text().strip(), 5, 0.005, what=f"{path} to hold a number"))
 
 
 def _counter_at_dump(c) -> int:
